@@ -1,0 +1,1 @@
+"""Offline tools that need no TensorFlow: ``fer-swarm eval`` and ``fer-swarm dataset crop``."""
