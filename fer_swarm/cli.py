@@ -1,0 +1,316 @@
+"""The ``fer-swarm`` command line: one typer app, one function per sub-command.
+
+Each command does its argument handling and output here and leaves the work
+to the module that owns it. Errors the project raises on purpose
+(:class:`FerSwarmError`) become one ``error:`` line and a non-zero exit, never
+a traceback; configuration errors exit 2, like typer's own usage errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, get_args
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import config as config_mod
+from .errors import ConfigError, FerSwarmError
+
+app = typer.Typer(
+    help="Real-time facial expression recognition on a swarm of small machines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+dataset_app = typer.Typer(help="Prepare folder-per-class datasets.", no_args_is_help=True)
+app.add_typer(dataset_app, name="dataset")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def friendly_errors(fn):
+    """Turn the project's own exceptions into one error line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            fail(str(e), 2)
+        except FerSwarmError as e:
+            fail(str(e), 1)
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def settings_command(program: str, name: str | None = None, extra: tuple[inspect.Parameter, ...] = ()):
+    """Register ``fn(settings, **extra)`` as a command whose flags are the fields of ``program``'s settings.
+
+    The pydantic model stays the one description of the settings: each field
+    becomes ``--field-name`` with the field's description as its help. Flags
+    reach typer as text and are validated by pydantic with the file and the
+    environment, so a bad value gives the same one-line error wherever it came from.
+    """
+    model = config_mod.PROGRAMS[program]
+
+    def decorator(fn: Callable[..., Any]):
+        params = [
+            inspect.Parameter(
+                "config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                default=typer.Option(None, "--config", "-c", help=f"TOML settings file (see configs/{program}.toml).",
+                                     rich_help_panel="Settings"),
+            )
+        ]
+        for field_name, field in model.model_fields.items():
+            dashed = field_name.replace("_", "-")
+            is_bool = bool in (field.annotation, *get_args(field.annotation))
+            env = config_mod.env_prefix(program) + field_name.upper()
+            default = "none" if field.default is None else field.default
+            help_text = f"{field.description} (default: {default}; env {env})"
+            decls = (f"--{dashed}/--no-{dashed}",) if is_bool else (f"--{dashed}",)
+            kind = next((t for t in (int, float, Path) if t in (field.annotation, *get_args(field.annotation))), str)
+            metavar = {int: "INT", float: "NUMBER", Path: "PATH", str: "TEXT"}[kind]
+            params.append(
+                inspect.Parameter(
+                    field_name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[bool] if is_bool else Optional[str],
+                    default=typer.Option(None, *decls, help=help_text, show_default=False, rich_help_panel="Settings",
+                                         metavar=None if is_bool else metavar),
+                )
+            )
+        extra_names = [p.name for p in extra]
+
+        @functools.wraps(fn)
+        def command(**kwargs):
+            extras = {k: kwargs.pop(k) for k in extra_names}
+            config_file = kwargs.pop("config")
+            settings = config_mod.load(program, config_file=config_file, flags=kwargs)
+            return fn(settings, **extras)
+
+        command.__signature__ = inspect.Signature([*extra, *params])
+        app.command(name or program)(friendly_errors(command))
+        return fn
+
+    return decorator
+
+
+def option(name: str, annotation, default) -> inspect.Parameter:
+    """A command parameter that is not a setting (an action's argument), for ``settings_command(extra=...)``."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Console-script entry point: like ``app()``, but usage errors are one ``error:`` line and exit 2."""
+    try:
+        code = app(args=argv, prog_name="fer-swarm", standalone_mode=False)
+    except Exception as e:  # click's UsageError and friends, without importing click's private copy
+        if callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int):
+            err.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+            return e.exit_code
+        raise
+    return code if isinstance(code, int) else 0
+
+
+@app.callback()
+def main(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v: DEBUG)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log."),
+) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _default_model() -> Path:
+    from .model import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+# --------------------------------------------------------------------------- train
+
+
+@app.command()
+@friendly_errors
+def train(
+    data_dir: Path = typer.Argument(..., help="Training images, one subfolder per class (e.g. DATA/happy/*.jpg)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the shipped TFLite model; its sidecar goes beside it as .json."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation folder (same classes). Without it, --val-fraction of DATA_DIR is held out."),
+    val_fraction: float = typer.Option(0.1, help="Fraction of each class held out for validation when --val is not given."),
+    epochs: int = typer.Option(40, min=1, help="Training epochs (the learning rate follows a cosine over them)."),
+    batch_size: int = typer.Option(128, min=1, help="Images per training step."),
+    learning_rate: float = typer.Option(2e-3, help="Peak learning rate (AdamW), reached after 2 warm-up epochs."),
+    arch: str = typer.Option("vgg", help="Network: 'vgg' (the shipped model) or 'tiny' (for tests and smoke runs)."),
+    image_size: int = typer.Option(48, min=16, help="Side of the square gray input, in pixels."),
+    class_weight_power: float = typer.Option(0.5, help="Class-imbalance weighting: 0 none, 1 fully balanced."),
+    seed: int = typer.Option(1234, help="Random seed for the split, initialisation, shuffling and augmentation."),
+    run_dir: Optional[Path] = typer.Option(None, help="Checkpoints, logs and exports of this run [default: runs/OUT-STEM]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last finished epoch."),
+    model_version: str = typer.Option("1", help="Version string written into the sidecar and announced by workers."),
+) -> None:
+    """Train the expression classifier on DATA_DIR and export a TFLite model plus its JSON sidecar.
+
+    Needs the optional training dependencies: pip install 'fer-swarm[train]'.
+    """
+    try:
+        from .training.train import TrainOptions, run
+    except ImportError as e:
+        fail(f"training needs TensorFlow: pip install 'fer-swarm[train]' ({e})")
+    opts = TrainOptions(
+        data_dir=data_dir, out=out, val_dir=val, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
+        learning_rate=learning_rate, arch=arch, image_size=image_size, class_weight_power=class_weight_power,
+        seed=seed, run_dir=run_dir, resume=resume, model_version=model_version,
+    )
+    if arch not in ("vgg", "tiny"):
+        fail(f"unknown --arch {arch!r}: choose 'vgg' or 'tiny'", 2)
+    summary = run(opts)
+    table = Table(title=f"exported {summary['out']} ({summary['shipped']})")
+    for col in ("variant", "KB", "agrees with Keras", "val accuracy", "val macro-F1", "ms/face"):
+        table.add_column(col, justify="right")
+    for kind, c in summary["candidates"].items():
+        mark = " *" if kind == summary["shipped"] else ""
+        table.add_row(kind + mark, f"{c['size_bytes'] / 1024:.0f}", f"{c['agreement_with_keras']:.2%}",
+                      f"{c['val_accuracy']:.2%}", f"{c['val_macro_f1']:.3f}", f"{c['ms_per_face_median']:.3f}")
+    console.print(table)
+    console.print(
+        f"best epoch {summary['best_epoch']}/{summary['epochs']}, training time {summary['train_seconds'] / 60:.1f} min; "
+        f"shipped {summary['shipped']}: accuracy {summary['val_accuracy']:.2%}, macro-F1 {summary['val_macro_f1']:.3f}"
+    )
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@app.command("eval")
+@friendly_errors
+def eval_(
+    data_dir: Path = typer.Argument(..., help="Labelled images, one subfolder per class, class names as in the model's labels."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) [default: the shipped model]."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the confusion matrix as a PNG here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Score a model on DATA_DIR with the workers' runtime (LiteRT, one thread): accuracy, macro-F1,
+    per-class precision and recall, confusion matrix, and milliseconds per face."""
+    from . import metrics
+    from .tools.evaluate import evaluate, plot_confusion
+
+    ev = evaluate(data_dir, model or _default_model())
+    if plot:
+        plot_confusion(ev.report, plot, title=ev.model_id)
+    result = ev.to_dict()
+    if as_json:
+        print(json.dumps(result))
+        return
+    r = ev.report
+    console.print(f"model {ev.model_id} ({ev.model}) on {data_dir}, runtime {ev.runtime}, n={r.n}")
+    table = Table()
+    for col in ("class", "precision", "recall", "F1", "support"):
+        table.add_column(col, justify="right")
+    for c, row in result["per_class"].items():
+        table.add_row(c, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
+    console.print(table)
+    console.print("confusion matrix (rows: true class, columns: predicted)")
+    console.print(metrics.format_confusion(r), highlight=False)
+    console.print(
+        f"accuracy {r.accuracy:.2%}  macro-F1 {r.macro_f1:.4f}  "
+        f"ms/face median {result['ms_per_face_median']:.3f}  p95 {result['ms_per_face_p95']:.3f} (1 thread)"
+    )
+    if ev.unreadable:
+        err.print(f"[yellow]warning:[/] {len(ev.unreadable)} unreadable image(s) skipped")
+    if plot:
+        console.print(f"confusion matrix written to {plot}")
+
+
+# --------------------------------------------------------------------------- dataset crop
+
+
+@dataset_app.command("crop")
+@friendly_errors
+def dataset_crop(
+    raw_dir: Path = typer.Argument(..., help="Photos, one subfolder per class."),
+    out_dir: Path = typer.Argument(..., help="Where to write OUT_DIR/CLASS/PHOTO-N.png face crops."),
+    size: int = typer.Option(48, min=8, help="Side of the square gray crop, in pixels (the model's input)."),
+    margin: float = typer.Option(0.1, min=0.0, help="Widen each face box by this fraction of its size on every side."),
+    detect_width: int = typer.Option(640, min=0, help="Detect on a copy scaled to this width in pixels (0: full size); crops are always cut at full size."),
+) -> None:
+    """Find every face in each photo with the edge client's detector and write one crop per face."""
+    from rich.progress import Progress
+
+    from .faces import HaarDetector
+    from .tools.crop import count_photos, crop_dataset
+
+    total = count_photos(raw_dir)
+    with Progress(console=err, transient=True) as progress:
+        task = progress.add_task("cropping", total=total)
+        tallies = crop_dataset(raw_dir, out_dir, size=(size, size), margin=margin,
+                               detector=HaarDetector(detect_width_px=detect_width),
+                               progress=lambda: progress.advance(task))
+    table = Table(title=f"face crops written to {out_dir}")
+    for col in ("class", "photos", "crops", "no face", "several faces", "unreadable"):
+        table.add_column(col, justify="right")
+    for cls, t in tallies.items():
+        table.add_row(cls, str(t.photos), str(t.crops), str(t.no_face), str(t.several_faces), str(len(t.unreadable)))
+    console.print(table)
+    for t in tallies.values():
+        for path in t.unreadable:
+            err.print(f"[yellow]skipped unreadable file:[/] {path}")
+
+
+# --------------------------------------------------------------------------- swarm
+
+
+def _serve(server) -> None:
+    """Run ``server.serve()`` in this thread; SIGTERM and Ctrl-C stop it cleanly."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+@settings_command("broker")
+def broker(settings) -> None:
+    """Run the broker: edge clients connect to --frontend, workers to --backend.
+
+    Load-balances face jobs over the workers by credit (a worker never holds
+    more jobs than it announced), fairly across clients, with deadlines and
+    heartbeats. Every job gets exactly one reply: RESULT, EXPIRED, BUSY or ERROR.
+    """
+    from .broker import Broker
+
+    server = Broker(settings)
+    try:
+        _serve(server)
+    finally:
+        server.close()
+
+
+@settings_command("worker")
+def worker(settings) -> None:
+    """Run a worker: N inference threads answer face jobs from the broker with the TFLite model.
+
+    Run one per Raspberry Pi, e.g. fer-swarm worker --broker tcp://BROKER:5556 --threads 4.
+    """
+    from .worker import Worker
+
+    _serve(Worker(settings))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(run())

@@ -1,0 +1,188 @@
+"""Typed settings for each program, from a TOML file, the environment and flags.
+
+One pydantic model per program is the single description of its settings:
+the TOML file (``configs/NAME.toml``), the environment (``FER_SWARM_NAME_KEY``)
+and the command-line flags (``--key``) are all read into it, with precedence
+flag > environment > file > default. Every field has a description and a unit
+in its name, and that text is the flag's ``--help``.
+
+Unknown keys are errors, not silently ignored: a misspelt ``theads = 4`` in a
+file or ``FER_SWARM_WORKER_THEADS`` in the environment would otherwise leave
+the default running while the operator believes otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "FER_SWARM_"
+
+
+class Settings(BaseModel):
+    """Base of every program's settings: frozen, strict about unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BrokerSettings(Settings):
+    frontend: str = Field("tcp://*:5555", description="Endpoint the broker binds for edge clients.")
+    backend: str = Field("tcp://*:5556", description="Endpoint the broker binds for workers.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats to each worker.")
+    liveness: int = Field(3, ge=1, description="Heartbeat intervals of silence after which a worker is declared dead.")
+    max_queue: int = Field(1000, ge=1, description="Jobs waiting for a worker, all clients together; beyond it jobs are answered BUSY.")
+    max_queue_per_client: int = Field(200, ge=1, description="Jobs one client may have waiting; beyond it its jobs are answered BUSY.")
+    max_clients: int = Field(256, ge=1, description="Clients the broker keeps state for; idle ones are forgotten first.")
+    client_idle_s: float = Field(60.0, gt=0, description="Seconds after which a client with nothing pending may be forgotten.")
+    max_workers: int = Field(256, ge=1, description="Workers the broker accepts at once.")
+    max_message_bytes: int = Field(65536, ge=1024, description="Largest message accepted on either socket (ZMQ_MAXMSGSIZE), in bytes.")
+    max_deadline_ms: int = Field(10000, ge=1, description="Longest deadline a job may ask for; longer ones are clamped, in milliseconds.")
+    redispatch_min_ms: int = Field(20, ge=0, description="A lost worker's job is re-dispatched only if at least this many ms of its deadline remain.")
+
+    @model_validator(mode="after")
+    def _queues(self):
+        if self.max_queue_per_client > self.max_queue:
+            raise ValueError("max_queue_per_client must not exceed max_queue")
+        return self
+
+
+class WorkerSettings(Settings):
+    broker: str = Field("tcp://127.0.0.1:5556", description="The broker's backend endpoint to connect to.")
+    threads: int = Field(1, ge=1, le=64, description="Inference threads, each with its own interpreter.")
+    capacity: int = Field(0, ge=0, le=1024, description="Jobs the worker announces it can hold at once; 0 means one per thread.")
+    model: Path | None = Field(None, description="TFLite model file (sidecar beside it); empty for the shipped model.")
+    name: str = Field("", max_length=48, description="Worker name shown in logs and results; empty for HOST-PID.")
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats to the broker.")
+    liveness: int = Field(3, ge=1, description="Heartbeat intervals of broker silence after which the worker reconnects.")
+    reconnect_initial_s: float = Field(0.5, gt=0, description="First reconnect delay after losing the broker, in seconds.")
+    reconnect_max_s: float = Field(16.0, gt=0, description="Longest reconnect delay (the delay doubles up to this), in seconds.")
+    max_message_bytes: int = Field(65536, ge=1024, description="Largest message accepted from the broker (ZMQ_MAXMSGSIZE), in bytes.")
+    service_time_ms: float = Field(0.0, ge=0, description="Pad every inference to at least this many ms, to simulate a slower device (benchmarks, tests); 0 for none.")
+
+
+class EdgeSettings(Settings):
+    broker: str = Field("tcp://127.0.0.1:5555", description="The broker's frontend endpoint to connect to.")
+    camera: int | None = Field(None, ge=0, description="Camera index to read frames from.")
+    video: Path | None = Field(None, description="Video file to read frames from.")
+    images: Path | None = Field(None, description="Folder of images to read as frames, in name order.")
+    output: Path | None = Field(None, description="Write the annotated video here (headless).")
+    events: Path | None = Field(None, description="Write one JSON line per face here (headless).")
+    show: bool | None = Field(None, description="Show a window; default: only when no --output/--events is given.")
+    stream: str = Field("", max_length=64, description="Stream name in correlation ids; empty for SOURCE-PID.")
+    deadline_ms: int = Field(250, ge=1, description="Deadline of each face job, in milliseconds.")
+    display_delay_ms: int = Field(150, ge=0, description="How long a frame waits for its labels before it is shown with what has arrived, in ms.")
+    max_pending_frames: int = Field(8, ge=1, description="Frames held waiting for labels; the oldest is shown early beyond this.")
+    max_faces: int = Field(8, ge=1, description="Faces per frame sent for labelling (largest first).")
+    detect_width_px: int = Field(320, ge=0, description="Detect faces on a copy scaled to this width (0: full size), in pixels.")
+    min_face_px: int = Field(24, ge=8, description="Smallest face the detector looks for, in pixels of the scaled copy.")
+    crop_margin: float = Field(0.1, ge=0, le=1, description="Widen each face box by this fraction of its size on each side.")
+    second_label_threshold: float = Field(0.25, ge=0, le=1, description="Show the second label too when its probability is at least this.")
+    realtime: bool | None = Field(None, description="Read files at their own frame rate, dropping frames when behind; default: on for cameras only.")
+    max_frames: int = Field(0, ge=0, description="Stop after this many frames; 0 for no limit.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the broker to announce the pool's model.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [n for n in ("camera", "video", "images") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one source, not {' and '.join('--' + g for g in given)}")
+        return self
+
+
+PROGRAMS: dict[str, type[Settings]] = {"broker": BrokerSettings, "worker": WorkerSettings, "edge": EdgeSettings}
+
+
+def env_prefix(program: str) -> str:
+    return f"{ENV_PREFIX}{program.upper()}_"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+
+
+def from_env(program: str, environ: Mapping[str, str]) -> dict[str, str]:
+    prefix = env_prefix(program)
+    return {k[len(prefix):].lower(): v for k, v in environ.items() if k.startswith(prefix) and v != ""}
+
+
+def load(
+    program: str,
+    *,
+    config_file: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge default < file < environment < flags into ``program``'s settings, or raise ConfigError
+    naming the key, where it came from, and what is wrong."""
+    model = PROGRAMS[program]
+    environ = os.environ if environ is None else environ
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if config_file is not None:
+        sources.append((str(config_file), read_toml(config_file)))
+    sources.append(("environment", from_env(program, environ)))
+    sources.append(("command line", {k: v for k, v in (flags or {}).items() if v is not None}))
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for where, values in sources:
+        for key, value in values.items():
+            if key not in model.model_fields:
+                raise ConfigError(f"{where}: unknown {program} setting {_spell(program, key, where)}")
+            merged[key] = value
+            origin[key] = where
+    try:
+        return model.model_validate(merged)
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = str(first["loc"][0]) if first["loc"] else ""
+        where = origin.get(key, "settings")
+        name = _spell(program, key, where) if key else "settings"
+        raise ConfigError(f"{where}: {name}: {first['msg']}") from None
+
+
+def _spell(program: str, key: str, where: str) -> str:
+    """A key as the user wrote it in that source."""
+    if where == "environment":
+        return env_prefix(program) + key.upper()
+    if where == "command line":
+        return "--" + key.replace("_", "-")
+    return repr(key)
+
+
+def toml_template(program: str) -> str:
+    """The commented TOML listing every setting with its default (configs/NAME.toml is this text)."""
+    model = PROGRAMS[program]
+    lines = [
+        f"# fer-swarm {program} settings. Every key is optional; shown are the defaults.",
+        f"# Precedence: command-line flag > environment ({env_prefix(program)}KEY) > this file > default.",
+        f"# Use: fer-swarm {program} --config configs/{program}.toml",
+        "",
+    ]
+    for name, field in model.model_fields.items():
+        lines.append(f"# {field.description}")
+        default = field.default
+        if default is None:
+            lines.append(f"# {name} =")
+        else:
+            lines.append(f"{name} = {_toml_value(default)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
