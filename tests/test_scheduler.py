@@ -1,0 +1,140 @@
+"""The broker's rules on their own (no sockets): credits, least-loaded, fairness, deadlines, bounds."""
+
+import pytest
+
+from fer_swarm import protocol as p
+from fer_swarm.broker.scheduler import Scheduler
+from fer_swarm.config import BrokerSettings
+
+MODEL = p.ModelInfo(name="m", version="1", input_shape=(1, 48, 48, 1), labels=("a", "b"), width_px=48, height_px=48)
+
+
+def job(stream: str, frame: int, deadline_ms: int = 1000) -> p.Job:
+    return p.Job(id=p.CorrelationId(stream=stream, frame=frame, face=0), deadline_ms=deadline_ms,
+                 width_px=48, height_px=48, payload=bytes(48 * 48))
+
+
+def ready(name: str, capacity: int, model: p.ModelInfo = MODEL) -> p.Ready:
+    return p.Ready(worker=name, capacity=capacity, model=model)
+
+
+@pytest.fixture
+def sched():
+    return Scheduler(BrokerSettings(max_queue=50, max_queue_per_client=20, max_clients=3))
+
+
+def test_worker_never_gets_more_than_its_capacity(sched):
+    sched.register(b"w", ready("w", 3), 0.0)
+    for i in range(10):
+        assert sched.submit(b"c", job("c", i), 0.0) is None
+    sends, _ = sched.dispatch(0.0)
+    assert len(sends) == 3 and len(sched.workers[b"w"].inflight) == 3
+    assert sched.dispatch(0.0) == ([], [])
+    assert sched.complete(b"w", sends[0][1].job) is not None
+    sends2, _ = sched.dispatch(0.0)
+    assert len(sends2) == 1
+
+
+def test_least_loaded_worker_goes_first(sched):
+    sched.register(b"big", ready("big", 4), 0.0)
+    sched.register(b"small", ready("small", 1), 0.0)
+    for i in range(5):
+        sched.submit(b"c", job("c", i), 0.0)
+    sends, _ = sched.dispatch(0.0)
+    # Both start empty; then the share of capacity in use decides: small fills at 1/1, big takes the rest.
+    assert sorted(w for w, _ in sends).count(b"big") == 4
+    assert sorted(w for w, _ in sends).count(b"small") == 1
+
+
+def test_flooding_client_cannot_starve_another(sched):
+    sched.register(b"w", ready("w", 1), 0.0)
+    for i in range(20):
+        sched.submit(b"flood", job("flood", i), 0.0)
+    for i in range(3):
+        sched.submit(b"polite", job("polite", i), 0.0)
+    order = []
+    for _ in range(6):
+        (wid, sent), = sched.dispatch(0.0)[0]
+        order.append(sent.id.stream)
+        sched.complete(wid, sent.job)
+    assert order == ["flood", "polite"] * 3
+
+
+def test_forwarded_job_carries_broker_id_and_remaining_deadline(sched):
+    sched.register(b"w", ready("w", 1), 0.0)
+    sched.submit(b"c", job("c", 1, deadline_ms=500), 10.0)
+    (_, sent), = sched.dispatch(10.2)[0]
+    assert sent.job is not None and sent.deadline_ms == 300
+
+
+def test_queued_and_inflight_jobs_expire_once(sched):
+    sched.register(b"w", ready("w", 1), 0.0)
+    sched.submit(b"c", job("c", 1, deadline_ms=100), 0.0)
+    sched.submit(b"c", job("c", 2, deadline_ms=100), 0.0)
+    (_, sent), = sched.dispatch(0.0)[0]
+    replies = sched.expire(0.2)
+    assert sorted(r.id.frame for _, r in replies) == [1, 2]
+    assert all(isinstance(r, p.Expired) for _, r in replies)
+    assert sched.expire(0.3) == []
+    # The worker's late answer frees its credit but is not forwarded: the client already has its one reply.
+    assert sched.complete(b"w", sent.job) is None
+    assert len(sched.workers[b"w"].inflight) == 0
+
+
+def test_full_queues_answer_busy(sched):
+    for i in range(20):
+        assert sched.submit(b"c", job("c", i), 0.0) is None
+    _, reply = sched.submit(b"c", job("c", 99), 0.0)
+    assert isinstance(reply, p.Busy) and "client" in reply.reason
+    for i in range(30):
+        sched.submit(b"d", job("d", i), 0.0) if i < 20 else sched.submit(b"e", job("e", i), 0.0)
+    _, reply = sched.submit(b"e", job("e", 99), 0.0)
+    assert isinstance(reply, p.Busy) and "broker queue" in reply.reason
+
+
+def test_client_table_is_bounded_and_forgets_idle_clients_first(sched):
+    sched.submit(b"busy", job("busy", 0), 0.0)  # keeps a queued job
+    sched.client(b"idle1", 0.0)
+    sched.client(b"idle2", 0.0)
+    assert sched.client(b"new", 1.0) is not None  # idle1 forgotten
+    assert b"idle1" not in sched.clients and b"busy" in sched.clients
+    for i in range(3):
+        sched.submit(b"new", job("new", i), 1.0)
+        sched.submit(b"idle2", job("idle2", i), 1.0)
+    _, reply = sched.submit(b"another", job("another", 0), 1.0)
+    assert isinstance(reply, p.Busy) and "client table" in reply.reason
+    assert len(sched.clients) == 3
+
+
+def test_lost_worker_jobs_are_redispatched_once_then_error(sched):
+    sched.register(b"w1", ready("w1", 2), 0.0)
+    sched.submit(b"c", job("c", 1, deadline_ms=1000), 0.0)
+    sched.submit(b"c", job("c", 2, deadline_ms=10), 0.0)
+    sched.dispatch(0.0)
+    replies = sched.remove_worker(b"w1", 0.005, "test")
+    # frame 2 has 5 ms left (< redispatch_min_ms): ERROR now; frame 1 is queued again.
+    assert [(r.id.frame, type(r)) for _, r in replies] == [(2, p.Error)]
+    sched.register(b"w2", ready("w2", 2), 0.0)
+    (_, again), = sched.dispatch(0.01)[0]
+    assert again.id.frame == 1
+    replies = sched.remove_worker(b"w2", 0.02, "test")
+    assert [(r.id.frame, type(r)) for _, r in replies] == [(1, p.Error)]
+
+
+def test_worker_with_another_model_is_refused(sched):
+    sched.register(b"w1", ready("w1", 1), 0.0)
+    other = MODEL.model_copy(update={"labels": ("x", "y", "z")})
+    assert "does not match" in sched.register(b"w2", ready("w2", 1, other), 0.0)
+
+
+def test_silent_worker_is_reaped(sched):
+    sched.register(b"w", ready("w", 1), 0.0)
+    assert sched.reap_silent_workers(2.0) == []
+    assert sched.reap_silent_workers(3.5) == [] and b"w" not in sched.workers
+
+
+def test_dropped_client_leaves_no_turn_behind(sched):
+    sched.register(b"w", ready("w", 1), 0.0)
+    sched.submit(b"c", job("c", 1), 0.0)
+    sched.drop_client(b"c")
+    assert sched.queued == 0 and sched.dispatch(0.0) == ([], [])

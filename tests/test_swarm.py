@@ -1,0 +1,258 @@
+"""Broker and workers over real ZeroMQ sockets on 127.0.0.1, with the real model in the real runtime."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+import zmq
+
+from fer_swarm import protocol as p
+from fer_swarm.model import Classifier
+
+from .swarm import MODEL, BrokerThread, Client, WorkerProcess, WorkerThread, free_port, real_faces, wait_for, zmq_context
+
+
+@pytest.fixture
+def ctx():
+    with zmq_context() as c:
+        yield c
+
+
+@pytest.fixture
+def broker(ctx):
+    b = BrokerThread(ctx)
+    yield b
+    b.stop()
+
+
+def one_reply_each(replies: list[p.Message], sent: list[p.CorrelationId]) -> dict:
+    """Assert the invariant: exactly one terminal reply per job sent; return them by id."""
+    ids = Counter(r.id for r in replies)
+    assert set(ids) == set(sent), f"missing {set(sent) - set(ids)}, unexpected {set(ids) - set(sent)}"
+    assert all(n == 1 for n in ids.values()), [i for i, n in ids.items() if n > 1]
+    return {r.id: r for r in replies}
+
+
+class ScriptedWorker:
+    """A DEALER the test drives by hand, to watch exactly what the broker hands a worker."""
+
+    def __init__(self, ctx, backend, capacity):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.connect(backend)
+        info = p.ModelInfo(name="m", version="1", input_shape=(1, 48, 48, 1),
+                           labels=Classifier(MODEL).labels, width_px=48, height_px=48)
+        self.sock.send_multipart(p.encode(p.Ready(worker="scripted", capacity=capacity, model=info)))
+
+    def jobs(self, wait_s: float) -> list[p.Job]:
+        out, end = [], time.monotonic() + wait_s
+        while (left := end - time.monotonic()) > 0 and self.sock.poll(left * 1000):
+            msg = p.decode(self.sock.recv_multipart())
+            if isinstance(msg, p.Job):
+                out.append(msg)
+            else:
+                self.sock.send_multipart(p.encode(p.Heartbeat()))
+        return out
+
+    def answer(self, job: p.Job) -> None:
+        self.sock.send_multipart(p.encode(p.Result(
+            id=job.id, job=job.job, label="happy", probabilities={"happy": 0.9, "sad": 0.1}, model="m:1", worker="scripted",
+            inference_ms=0.1)))
+
+
+def test_results_carry_label_probabilities_model_worker_and_time(ctx, broker):
+    w = WorkerThread(ctx, broker.backend, threads=2, name="pi-1")
+    c = Client(ctx, broker.frontend)
+    try:
+        welcome = c.welcome()
+        assert welcome.workers == 1 and welcome.model.width_px == 48
+        clf = Classifier(MODEL)
+        crops = real_faces(12)
+        sent = [c.job(i, crop=crop) for i, crop in enumerate(crops)]
+        by_id = one_reply_each(c.collect(len(sent)), sent)
+        for i, cid in enumerate(sent):
+            r = by_id[cid]
+            assert isinstance(r, p.Result), r
+            expected = clf.predict(crops[i])
+            assert r.label == clf.labels[int(np.argmax(expected))]
+            assert set(r.probabilities) == set(clf.labels)
+            assert abs(sum(r.probabilities.values()) - 1) < 0.02
+            assert r.worker == "pi-1" and r.model == clf.card.model_id and r.inference_ms > 0
+    finally:
+        c.close()
+        w.stop()
+
+
+def test_broker_never_exceeds_announced_credit(ctx, broker):
+    w = ScriptedWorker(ctx, broker.backend, capacity=2)
+    c = Client(ctx, broker.frontend)
+    try:
+        c.welcome()
+        for i in range(8):
+            c.job(i)
+        first = w.jobs(0.5)
+        assert len(first) == 2
+        w.answer(first[0])
+        more = w.jobs(0.5)
+        assert len(more) == 1
+        assert max(len(x.inflight) for x in broker.scheduler.workers.values()) == 2
+    finally:
+        c.close()
+        w.sock.close(0)
+
+
+def test_slow_and_fast_worker_replies_are_matched(ctx, broker):
+    slow = WorkerThread(ctx, broker.backend, name="slow", service_time_ms=60)
+    fast = WorkerThread(ctx, broker.backend, name="fast")
+    c = Client(ctx, broker.frontend)
+    try:
+        assert wait_for(lambda: len(broker.scheduler.workers) == 2)
+        clf = Classifier(MODEL)
+        crops = real_faces(20)
+        sent = [c.job(frame=i // 4, face=i % 4, crop=crop) for i, crop in enumerate(crops)]
+        replies = c.collect(len(sent))
+        by_id = one_reply_each(replies, sent)
+        assert [r.id for r in replies] != sent, "the slow worker should have reordered the replies"
+        assert {r.worker for r in replies} == {"slow", "fast"}
+        for cid, crop in zip(sent, crops):
+            assert by_id[cid].label == clf.labels[int(np.argmax(clf.predict(crop)))]
+    finally:
+        c.close()
+        slow.stop()
+        fast.stop()
+
+
+def test_worker_killed_mid_stream_loses_no_job(ctx, broker):
+    victim = WorkerProcess(broker.backend, "--name", "victim", "--service-time-ms", "40", "--threads", "2")
+    survivor = WorkerProcess(broker.backend, "--name", "survivor", "--service-time-ms", "10")
+    c = Client(ctx, broker.frontend)
+    try:
+        assert wait_for(lambda: len(broker.scheduler.workers) == 2, timeout_s=30)
+        sent = [c.job(i, deadline_ms=8000) for i in range(40)]
+        replies = c.collect(3)
+        victim.kill()
+        replies += c.collect(len(sent) - len(replies), timeout_s=15)
+        by_id = one_reply_each(replies, sent)
+        assert all(isinstance(r, p.Result) for r in by_id.values()), Counter(type(r).__name__ for r in replies)
+        assert broker.scheduler.counters.redispatched >= 1
+        assert {r.worker for r in replies} >= {"survivor"}
+    finally:
+        c.close()
+        victim.stop()
+        survivor.stop()
+
+
+def test_deadline_expiry_queued_and_in_flight(ctx, broker):
+    c = Client(ctx, broker.frontend)
+    try:
+        queued = c.job(1, deadline_ms=100)  # no worker yet: expires in the queue
+        t0 = time.monotonic()
+        r = c.recv(2)
+        assert isinstance(r, p.Expired) and r.id == queued and "queued" in r.reason
+        assert 0.08 < time.monotonic() - t0 < 0.5
+        w = ScriptedWorker(ctx, broker.backend, capacity=1)
+        assert wait_for(lambda: broker.scheduler.workers)
+        held = c.job(2, deadline_ms=150)
+        (job,) = w.jobs(0.3)
+        r = c.recv(2)
+        assert isinstance(r, p.Expired) and r.id == held and "worker" in r.reason
+        w.answer(job)  # too late: must not reach the client as a second reply
+        assert c.recv(0.3) is None
+        w.sock.close(0)
+    finally:
+        c.close()
+
+
+def test_busy_when_the_queue_is_full(ctx):
+    b = BrokerThread(ctx, max_queue=10, max_queue_per_client=10)
+    c = Client(ctx, b.frontend)
+    try:
+        sent = [c.job(i, deadline_ms=300) for i in range(30)]
+        by_id = one_reply_each(c.collect(30, timeout_s=5), sent)
+        kinds = Counter(type(r).__name__ for r in by_id.values())
+        assert kinds == {"Busy": 20, "Expired": 10}
+    finally:
+        c.close()
+        b.stop()
+
+
+def test_broker_restart_is_survived_by_workers_and_clients(ctx):
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    b = BrokerThread(ctx, front, back)
+    w = WorkerThread(ctx, back, name="steady")
+    c = Client(ctx, front)
+    try:
+        c.welcome()
+        c.job(1)
+        assert isinstance(c.recv(5), p.Result)
+        b.stop()
+        b = BrokerThread(ctx, front, back)
+        assert wait_for(lambda: len(b.scheduler.workers) == 1, timeout_s=10), "worker did not re-register"
+        sent = [c.job(i) for i in range(10, 15)]
+        by_id = one_reply_each(c.collect(5, timeout_s=10), sent)
+        assert all(isinstance(r, p.Result) for r in by_id.values())
+        assert w.worker.registrations >= 2
+    finally:
+        c.close()
+        w.stop()
+        b.stop()
+
+
+def test_malformed_client_messages_get_errors_and_broker_lives(ctx, broker):
+    w = WorkerThread(ctx, broker.backend)
+    c = Client(ctx, broker.frontend)
+    try:
+        c.welcome()
+        c.send_raw([b"fer-swarm/1", b"JOB", b"{not json"])
+        c.send_raw([b"fer-swarm/2", b"JOB", b"{}"])
+        c.send_raw([b"\xff\xfe", b"\x00"])
+        bad_size = p.encode(p.Job(id=p.CorrelationId(stream="s", frame=9, face=0), deadline_ms=500, width_px=2,
+                                  height_px=2, payload=b"1234"))
+        bad_size[-1] = b"123"
+        c.send_raw(bad_size)
+        c.send(p.Result(id=p.CorrelationId(stream="s", frame=1, face=0), label="a", probabilities={"a": 1.0, "b": 0.0},
+                        model="m:1", worker="w", inference_ms=1.0))
+        errors = c.collect(5, timeout_s=3)
+        assert len(errors) == 5 and all(isinstance(e, p.Error) for e in errors)
+        assert any(e.id == p.CorrelationId(stream="s", frame=9, face=0) for e in errors)
+        assert any("version" in e.reason for e in errors)
+        cid = c.job(1)
+        (r,) = c.collect(1)
+        assert isinstance(r, p.Result) and r.id == cid
+    finally:
+        c.close()
+        w.stop()
+
+
+def test_worker_answers_malformed_and_wrong_size_jobs_and_lives(ctx):
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    w = WorkerThread(ctx, f"tcp://127.0.0.1:{port}", heartbeat_interval_s=1.0)
+    try:
+        assert router.poll(5000)
+        ident, ready = p.decode_routed(router.recv_multipart())
+        assert isinstance(ready, p.Ready) and ready.capacity == 1 and ready.model.width_px == 48
+
+        def roundtrip(frames):
+            router.send_multipart([ident, *frames])
+            while router.poll(3000):
+                _, msg = p.decode_routed(router.recv_multipart())
+                if not isinstance(msg, p.Heartbeat):
+                    return msg
+            raise AssertionError("no reply from worker")
+
+        cid = p.CorrelationId(stream="s", frame=1, face=0)
+        r = roundtrip([b"fer-swarm/1", b"JOB", b'{"id": {"stream": "s", "frame": 1, "face": 0}, "deadline_ms": "soon"}', b"x"])
+        assert isinstance(r, p.Error) and r.id == cid
+        small = np.zeros((32, 32), np.uint8)
+        r = roundtrip(p.encode(p.Job(id=cid, job=5, deadline_ms=1000, width_px=32, height_px=32, payload=small.tobytes())))
+        assert isinstance(r, p.Error) and "32x32" in r.reason and r.job == 5
+        r = roundtrip(p.encode(p.Job(id=cid, job=6, deadline_ms=1000, width_px=48, height_px=48, payload=bytes(2304))))
+        assert isinstance(r, p.Result) and r.job == 6
+    finally:
+        w.stop()
+        router.close(0)

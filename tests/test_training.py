@@ -1,0 +1,90 @@
+"""``fer-swarm train`` for real: one short epoch on a generated dataset, exported and run by LiteRT."""
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow", reason="training tests need the 'train' extra")
+
+from fer_swarm.model import Classifier, load_card  # noqa: E402
+
+from .conftest import error_lines, make_pattern_dataset, run_cli  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = make_pattern_dataset(root / "data", per_class=40)
+    out = root / "models" / "tiny.tflite"
+    res = run_cli("train", str(data), "--out", str(out), "--epochs", "1", "--arch", "tiny", "--batch-size", "16",
+                  "--val-fraction", "0.25", "--run-dir", str(root / "run"), "--model-version", "7")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root, data, out, res
+
+
+def test_train_writes_model_sidecar_and_run_state(trained):
+    root, _, out, res = trained
+    card = load_card(out)  # validates the sidecar against the model file
+    assert card.labels == ("calm", "dots", "stripes")
+    assert card.version == "7"
+    assert card.input_shape == (1, 48, 48, 1)
+    assert card.quantization in ("int8", "dynamic", "float")
+    assert set(card.metrics) >= {"val_accuracy", "val_macro_f1", "agreement_with_keras"}
+    assert card.metrics["agreement_with_keras"] >= 0.99
+    assert card.dataset["train_counts"] == {"calm": 30, "dots": 30, "stripes": 30}
+    assert card.dataset["val_counts"] == {"calm": 10, "dots": 10, "stripes": 10}
+    assert card.training["seed"] == 1234
+    for name in ("last.keras", "best.weights.h5", "state.json", "log.csv", "summary.json"):
+        assert (root / "run" / name).exists(), name
+    assert "shipped" in res.stdout and "accuracy" in res.stdout
+
+
+def test_exported_model_runs_in_the_worker_runtime(trained):
+    _, data, out, _ = trained
+    clf = Classifier(out)
+    from fer_swarm import datasets
+
+    imgs = datasets.load_gray(datasets.scan(data), clf.crop_size, classes=clf.labels)
+    probs = clf.predict_many(imgs.images)
+    assert probs.shape == (len(imgs.labels), 3)
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=0.02)
+
+
+def test_resume_continues_and_fresh_run_refuses_to_overwrite(trained):
+    root, data, out, _ = trained
+    again = run_cli("train", str(data), "--out", str(out), "--epochs", "1", "--arch", "tiny", "--batch-size", "16",
+                    "--val-fraction", "0.25", "--run-dir", str(root / "run"))
+    assert again.returncode == 1
+    assert len(error_lines(again.stderr)) == 1 and "--resume" in again.stderr
+    state_before = json.loads((root / "run" / "state.json").read_text())
+    resumed = run_cli("train", str(data), "--out", str(out), "--epochs", "1", "--arch", "tiny", "--batch-size", "16",
+                      "--val-fraction", "0.25", "--run-dir", str(root / "run"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((root / "run" / "state.json").read_text())["epochs_done"] == state_before["epochs_done"] == 1
+
+
+def test_resume_with_other_options_is_refused(trained):
+    root, data, out, _ = trained
+    res = run_cli("train", str(data), "--out", str(out), "--epochs", "3", "--arch", "tiny", "--batch-size", "16",
+                  "--val-fraction", "0.25", "--run-dir", str(root / "run"), "--resume")
+    assert res.returncode == 1
+    assert "epochs" in error_lines(res.stderr)[0]
+
+
+def test_train_on_folder_without_classes_is_one_error_line(tmp_path):
+    (tmp_path / "loose.png").write_bytes(b"")
+    res = run_cli("train", str(tmp_path), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny")
+    assert res.returncode == 1
+    assert len(error_lines(res.stderr)) == 1 and "no class subfolders" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_train_on_empty_class_is_one_error_line(tmp_path):
+    make_pattern_dataset(tmp_path, classes=("a", "b"), per_class=3)
+    (tmp_path / "c").mkdir()
+    res = run_cli("train", str(tmp_path), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny")
+    assert res.returncode == 1
+    assert "c" in error_lines(res.stderr)[0] and "Traceback" not in res.stderr
