@@ -31,6 +31,9 @@ app = typer.Typer(
 )
 dataset_app = typer.Typer(help="Prepare folder-per-class datasets.", no_args_is_help=True)
 app.add_typer(dataset_app, name="dataset")
+keys_app = typer.Typer(help="CurveZMQ key pairs for encrypted, authenticated links (see docs/security.md).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 console = Console()
 err = Console(stderr=True)
@@ -80,9 +83,8 @@ def settings_command(program: str, name: str | None = None, extra: tuple[inspect
         for field_name, field in model.model_fields.items():
             dashed = field_name.replace("_", "-")
             is_bool = bool in (field.annotation, *get_args(field.annotation))
-            env = config_mod.env_prefix(program) + field_name.upper()
             default = "none" if field.default is None else field.default
-            help_text = f"{field.description} (default: {default}; env {env})"
+            help_text = f"{field.description} (default: {default})"
             decls = (f"--{dashed}/--no-{dashed}",) if is_bool else (f"--{dashed}",)
             kind = next((t for t in (int, float, Path) if t in (field.annotation, *get_args(field.annotation))), str)
             metavar = {int: "INT", float: "NUMBER", Path: "PATH", str: "TEXT"}[kind]
@@ -103,7 +105,11 @@ def settings_command(program: str, name: str | None = None, extra: tuple[inspect
             return fn(settings, **extras)
 
         command.__signature__ = inspect.Signature([*extra, *params])
-        app.command(name or program)(friendly_errors(command))
+        example = next(iter(model.model_fields))
+        epilog = (f"Every setting can also come from the environment as {config_mod.env_prefix(program)}SETTING "
+                  f"(e.g. {config_mod.env_prefix(program)}{example.upper()}) or from the TOML file given with --config; "
+                  "a flag wins over the environment, which wins over the file.")
+        app.command(name or program, epilog=epilog)(friendly_errors(command))
         return fn
 
     return decorator
@@ -268,6 +274,33 @@ def dataset_crop(
     for t in tallies.values():
         for path in t.unreadable:
             err.print(f"[yellow]skipped unreadable file:[/] {path}")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@keys_app.command("generate")
+@friendly_errors
+def keys_generate(
+    name: str = typer.Argument(..., help="Who the key is for: 'broker', a worker ('pi-1'), a client ('headset')."),
+    directory: Path = typer.Option(Path("keys"), "--dir", "-d", help="Folder to write NAME.key and NAME.key_secret into."),
+) -> None:
+    """Write a key pair: NAME.key (public: copy it to the broker's allow-list or to the peers) and
+    NAME.key_secret (secret: readable by its owner only; never copy it off its machine)."""
+    from . import security
+
+    public, secret = security.generate(name, directory)
+    console.print(f"public key  {public}  (fingerprint {security.fingerprint(security.load_public(public))})")
+    console.print(f"secret key  {secret}  (mode 0600: keep it on this machine)")
+
+
+@keys_app.command("fingerprint")
+@friendly_errors
+def keys_fingerprint(path: Path = typer.Argument(..., help="A NAME.key or NAME.key_secret file.")) -> None:
+    """Print a key's fingerprint, as the broker logs it when it refuses or admits a peer."""
+    from . import security
+
+    console.print(security.fingerprint(security.load_public(path)))
 
 
 # --------------------------------------------------------------------------- swarm

@@ -44,6 +44,10 @@ class BrokerSettings(Settings):
     max_message_bytes: int = Field(65536, ge=1024, description="Largest message accepted on either socket (ZMQ_MAXMSGSIZE), in bytes.")
     max_deadline_ms: int = Field(10000, ge=1, description="Longest deadline a job may ask for; longer ones are clamped, in milliseconds.")
     redispatch_min_ms: int = Field(20, ge=0, description="A lost worker's job is re-dispatched only if at least this many ms of its deadline remain.")
+    secret_key: Path | None = Field(None, description="The broker's CURVE secret key file (fer-swarm keys generate broker); turns encryption on.")
+    client_keys: Path | None = Field(None, description="Folder of public keys (*.key) of the edge clients allowed to connect.")
+    worker_keys: Path | None = Field(None, description="Folder of public keys (*.key) of the workers allowed to connect.")
+    insecure: bool = Field(False, description="Allow plaintext on a non-loopback endpoint (anyone on the network can read face crops).")
 
     @model_validator(mode="after")
     def _queues(self):
@@ -56,7 +60,7 @@ class WorkerSettings(Settings):
     broker: str = Field("tcp://127.0.0.1:5556", description="The broker's backend endpoint to connect to.")
     threads: int = Field(1, ge=1, le=64, description="Inference threads, each with its own interpreter.")
     capacity: int = Field(0, ge=0, le=1024, description="Jobs the worker announces it can hold at once; 0 means one per thread.")
-    model: Path | None = Field(None, description="TFLite model file (sidecar beside it); empty for the shipped model.")
+    model: Path | None = Field(None, description="TFLite model file (sidecar beside it); unset for the shipped model in models/.")
     name: str = Field("", max_length=48, description="Worker name shown in logs and results; empty for HOST-PID.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats to the broker.")
     liveness: int = Field(3, ge=1, description="Heartbeat intervals of broker silence after which the worker reconnects.")
@@ -64,6 +68,9 @@ class WorkerSettings(Settings):
     reconnect_max_s: float = Field(16.0, gt=0, description="Longest reconnect delay (the delay doubles up to this), in seconds.")
     max_message_bytes: int = Field(65536, ge=1024, description="Largest message accepted from the broker (ZMQ_MAXMSGSIZE), in bytes.")
     service_time_ms: float = Field(0.0, ge=0, description="Pad every inference to at least this many ms, to simulate a slower device (benchmarks, tests); 0 for none.")
+    secret_key: Path | None = Field(None, description="This worker's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
+    broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
+    insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")
 
 
 class EdgeSettings(Settings):
@@ -86,6 +93,9 @@ class EdgeSettings(Settings):
     realtime: bool | None = Field(None, description="Read files at their own frame rate, dropping frames when behind; default: on for cameras only.")
     max_frames: int = Field(0, ge=0, description="Stop after this many frames; 0 for no limit.")
     connect_timeout_s: float = Field(10.0, gt=0, description="Seconds to wait for the broker to announce the pool's model.")
+    secret_key: Path | None = Field(None, description="This edge client's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
+    broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
+    insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -19,6 +19,7 @@ import numpy as np
 import zmq
 
 from fer_swarm import protocol as p
+from fer_swarm import security
 from fer_swarm.broker import Broker
 from fer_swarm.config import BrokerSettings, WorkerSettings
 from fer_swarm.errors import TransportError
@@ -102,9 +103,13 @@ class WorkerProcess:
 class Client:
     """An edge-side DEALER that speaks the protocol, for driving the broker directly."""
 
-    def __init__(self, ctx: zmq.Context, frontend: str, stream: str = "test"):
+    def __init__(self, ctx: zmq.Context, frontend: str, stream: str = "test", curve=None, identity: bytes | None = None):
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
+        if identity:
+            self.sock.identity = identity
+        if curve:
+            security.make_client(self.sock, *curve)
         self.sock.connect(frontend)
         self.stream = stream
 

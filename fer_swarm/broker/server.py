@@ -21,6 +21,7 @@ import time
 import zmq
 
 from .. import protocol as p
+from .. import security
 from ..config import BrokerSettings
 from ..errors import ProtocolError, TransportError
 from .scheduler import Reply, Scheduler
@@ -41,18 +42,34 @@ class Broker:
         self.scheduler = Scheduler(settings)
         self._stop = threading.Event()
         self._next_heartbeat = 0.0
-        self.frontend = self._router(settings.frontend, mandatory=True)
-        self.backend = self._router(settings.backend, mandatory=True)
+        self._auth = None
+        try:
+            self.security = security.broker_security(settings)
+            if self.security:
+                # The ZAP handler must be running before the first handshake: a CURVE server
+                # without one accepts any client key.
+                self._auth = security.start_authenticator(self.ctx, self.security.clients, self.security.workers)
+            self.frontend = self._router(settings.frontend, security.CLIENTS_DOMAIN)
+            try:
+                self.backend = self._router(settings.backend, security.WORKERS_DOMAIN)
+            except BaseException:
+                self.frontend.close(0)
+                raise
+        except BaseException:
+            self._close_auth_and_context()
+            raise
 
-    def _router(self, endpoint: str, *, mandatory: bool) -> zmq.Socket:
+    def _router(self, endpoint: str, domain: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.linger = 0
+        if self.security:
+            security.make_server(sock, self.security.keys, domain)
         # Oversized messages are refused by libzmq itself, which drops only that sender's connection.
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         sock.sndhwm = sock.rcvhwm = 10_000
         # Sending to a peer that is gone raises EHOSTUNREACH instead of dropping silently: that is how
         # the broker learns a client or worker has left, and forgets its jobs.
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1 if mandatory else 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as e:
@@ -74,13 +91,20 @@ class Broker:
     def close(self) -> None:
         self.frontend.close(0)
         self.backend.close(0)
+        self._close_auth_and_context()
+
+    def _close_auth_and_context(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
         if self._own_context:
             self.ctx.term()
 
     # ----------------------------------------------------------------- loop
 
     def serve(self) -> None:
-        log.info("broker serving clients on %s, workers on %s", self.frontend_endpoint, self.backend_endpoint)
+        log.info("broker serving clients on %s, workers on %s (%s)", self.frontend_endpoint, self.backend_endpoint,
+                 f"CURVE, broker key {self.security.keys.fingerprint}" if self.security else "plaintext")
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)

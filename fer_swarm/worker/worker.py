@@ -25,6 +25,7 @@ import uuid
 import zmq
 
 from .. import protocol as p
+from .. import security
 from ..config import WorkerSettings
 from ..errors import ProtocolError, TransportError
 from ..model import DEFAULT_MODEL, load_card
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 class Worker:
     def __init__(self, settings: WorkerSettings, context: zmq.Context | None = None):
         self.settings = settings
+        self.curve = security.client_security(settings, settings.broker)  # key problems fail start-up, here
         self._own_context = context is None
         self.ctx = context or zmq.Context()
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
@@ -71,6 +73,8 @@ class Worker:
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
         sock.identity = f"{self.name}/{uuid.uuid4().hex[:8]}".encode()
+        if self.curve:
+            security.make_client(sock, *self.curve)
         try:
             sock.connect(self.settings.broker)
         except zmq.ZMQError as e:

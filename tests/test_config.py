@@ -1,0 +1,83 @@
+"""Settings: precedence flag > environment > file > default, and one clear error for anything unknown or bad."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fer_swarm import config
+from fer_swarm.errors import ConfigError
+
+from .conftest import ROOT, error_lines, run_cli
+
+
+@pytest.mark.parametrize("program", sorted(config.PROGRAMS))
+def test_shipped_toml_lists_every_setting_with_its_default(program):
+    text = (ROOT / "configs" / f"{program}.toml").read_text()
+    assert text == config.toml_template(program), f"configs/{program}.toml is stale: regenerate it with toml_template"
+    parsed = tomllib.loads(text)
+    loaded = config.load(program, config_file=ROOT / "configs" / f"{program}.toml", environ={})
+    assert loaded == config.PROGRAMS[program]()  # the file states the defaults
+    for name, field in config.PROGRAMS[program].model_fields.items():
+        assert name in parsed or f"# {name} =" in text
+        assert field.description in text
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path):
+    f = tmp_path / "w.toml"
+    f.write_text("threads = 2\nname = 'from-file'\nliveness = 7\n")
+    env = {"FER_SWARM_WORKER_THREADS": "3", "FER_SWARM_WORKER_NAME": "from-env"}
+    s = config.load("worker", config_file=f, environ=env, flags={"threads": "4"})
+    assert (s.threads, s.name, s.liveness, s.heartbeat_interval_s) == (4, "from-env", 7, 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(flags={"threads": "many"}), "--threads"),
+        (dict(environ={"FER_SWARM_WORKER_THEADS": "2"}), "FER_SWARM_WORKER_THEADS"),
+        (dict(environ={"FER_SWARM_WORKER_LIVENESS": "0"}), "FER_SWARM_WORKER_LIVENESS"),
+        (dict(file_text="theads = 2\n"), "'theads'"),
+        (dict(file_text="threads = -1\n"), "'threads'"),
+        (dict(file_text="threads = [\n"), "not valid TOML"),
+    ],
+)
+def test_bad_settings_name_the_key_and_source(tmp_path, kwargs, needle):
+    file_text = kwargs.pop("file_text", None)
+    if file_text is not None:
+        kwargs["config_file"] = tmp_path / "w.toml"
+        kwargs["config_file"].write_text(file_text)
+    kwargs.setdefault("environ", {})
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+        config.load("worker", **kwargs)
+
+
+def test_edge_takes_one_source():
+    with pytest.raises(ConfigError, match="one source"):
+        config.load("edge", flags={"camera": "0", "video": "x.mp4"}, environ={})
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["worker", "--threads", "x"], "--threads"),
+        (["worker", "--theads", "2"], "--theads"),
+        (["broker", "--config", "/nonexistent.toml"], "not found"),
+        (["broker", "--max-queue", "0"], "--max-queue"),
+    ],
+)
+def test_cli_config_errors_are_one_line_and_exit_2(args, needle):
+    res = run_cli(*args, timeout=60)
+    assert res.returncode == 2, res.stderr
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_help_explains_every_setting():
+    res = run_cli("broker", "--help", timeout=60)
+    assert res.returncode == 0
+    flat = " ".join(res.stdout.split())
+    for name in config.BrokerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in flat
+    assert "FER_SWARM_BROKER_SETTING" in flat and "…" not in res.stdout
