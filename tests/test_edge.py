@@ -1,0 +1,676 @@
+"""The edge client: real OpenCV on a real sample clip, real ZeroMQ sockets on 127.0.0.1.
+
+The broker side is a small ROUTER in a thread that speaks the real protocol:
+it answers HELLO with WELCOME and JOBs in reverse order of arrival, with a
+label and worker name derived from each job's correlation id, so a reply
+matched to the wrong face is visible. The only fake is a camera.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import zmq
+
+from fer_swarm.config import EdgeSettings
+from fer_swarm.edge.app import run_edge
+from fer_swarm.edge.client import SwarmClient
+from fer_swarm.edge.draw import draw_faces, label_text
+from fer_swarm.edge.pipeline import TIMEOUT, UNSENT, FaceOutcome, FramePipeline
+from fer_swarm.edge.sources import CameraSource, ImageFolderSource, VideoSource, open_source
+from fer_swarm.errors import FerSwarmError, TransportError
+from fer_swarm.faces import Box
+from fer_swarm.protocol import (
+    Busy, CorrelationId, Error, Expired, Heartbeat, Job, ModelInfo, Result, Welcome, decode_routed, encode_routed,
+)
+from fer_swarm.samples import sample_clip
+
+LABELS = ("angry", "happy", "neutral", "sad", "surprise")
+# Not square, so a crop made as (height, width) instead of (width, height) is caught.
+MODEL = ModelInfo(name="test", version="1", input_shape=(1, 48, 40, 1), labels=LABELS, width_px=40, height_px=48)
+
+
+def label_for(id: CorrelationId) -> str:
+    return LABELS[(2 * id.frame + id.face) % len(LABELS)]  # faces 0 and 1 of a frame always differ
+
+
+def worker_for(id: CorrelationId) -> str:
+    return f"w{id.frame}-{id.face}"
+
+
+def result_for(id: CorrelationId) -> Result:
+    top = label_for(id)
+    second = LABELS[(LABELS.index(top) + 1) % len(LABELS)]
+    probs = {name: 0.025 for name in LABELS} | {top: 0.6, second: 0.325}
+    return Result(id=id, label=top, probabilities=probs, model=MODEL.ref, worker=worker_for(id), inference_ms=1.0)
+
+
+class Router(threading.Thread):
+    """A stand-in broker frontend: real ROUTER socket, real protocol, bounded life.
+
+    ``answer(job)`` makes each job's reply (default: the RESULT ``result_for`` gives);
+    ``hold_s`` keeps jobs that long before answering; jobs that arrived together
+    are answered last first.
+    """
+
+    def __init__(self, ctx: zmq.Context, *, model: ModelInfo | None = MODEL, answer=None, hold_s: float = 0.0,
+                 max_life_s: float = 60.0):
+        super().__init__(name="test-router", daemon=True)
+        self.ctx, self.model, self.hold_s, self.max_life_s = ctx, model, hold_s, max_life_s
+        self.answer = answer or (lambda job: result_for(job.id))
+        self.jobs: list[Job] = []
+        self.answered_order: list[tuple] = []
+        self.reversed_batches = 0
+        self.hellos = 0
+        self.stopping = threading.Event()
+        self.ready = threading.Event()
+        self.endpoint = ""
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        try:
+            sock.bind("tcp://127.0.0.1:0")
+            self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            self.ready.set()
+            held: list[tuple[float, bytes, Job]] = []
+            end = time.monotonic() + self.max_life_s
+            while not self.stopping.is_set() and time.monotonic() < end:
+                if sock.poll(5, zmq.POLLIN):
+                    for _ in range(1000):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on(sock, frames, held)
+                    continue  # answer only once a burst is over, so bursts come back reversed
+                now = time.monotonic()
+                due = [h for h in held if now - h[0] >= self.hold_s]
+                if not due:
+                    continue
+                held[:] = [h for h in held if now - h[0] < self.hold_s]
+                if len(due) > 1:
+                    self.reversed_batches += 1
+                for _, identity, job in reversed(due):
+                    self.answered_order.append(job.id.key())
+                    sock.send_multipart(encode_routed(identity, self.answer(job)))
+        except BaseException as e:  # surfaced by the fixture, not lost in the thread
+            self.error = e
+            self.ready.set()
+        finally:
+            sock.close(linger=0)
+
+    def _on(self, sock, frames, held) -> None:
+        identity, msg = decode_routed(frames)
+        if msg.command.value == "HELLO":
+            self.hellos += 1
+            sock.send_multipart([identity, b"junk"])  # malformed: the client must drop it and carry on
+            welcome = Welcome(model=self.model, workers=1 if self.model else 0,
+                              max_payload_bytes=1 << 20, heartbeat_interval_s=1.0)
+            sock.send_multipart(encode_routed(identity, welcome))
+        elif isinstance(msg, Heartbeat):
+            sock.send_multipart(encode_routed(identity, Heartbeat()))
+        elif isinstance(msg, Job):
+            self.jobs.append(msg)
+            held.append((time.monotonic(), identity, msg))
+
+
+@pytest.fixture
+def ctx():
+    context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+@pytest.fixture
+def make_router(ctx):
+    routers: list[Router] = []
+
+    def make(**kw) -> Router:
+        router = Router(ctx, **kw)
+        router.start()
+        routers.append(router)
+        assert router.ready.wait(5), "router did not start"
+        assert router.error is None, router.error
+        return router
+
+    yield make
+    for router in routers:
+        router.stopping.set()
+        router.join(5)
+        assert not router.is_alive()
+        assert router.error is None, router.error
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return sample_clip(tmp_path_factory.mktemp("edge") / "clip.mp4", frames=16, faces=2, fps=15, seed=3)
+
+
+def read_video(path: Path, limit: int = 200) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        for _ in range(limit):
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(frame)
+    finally:
+        cap.release()
+    return frames
+
+
+def cid(frame: int, face: int, stream: str = "s") -> CorrelationId:
+    return CorrelationId(stream=stream, frame=frame, face=face)
+
+
+def boxes(n: int) -> list[Box]:
+    return [Box(10 + 60 * i, 10, 50, 50) for i in range(n)]
+
+
+IMAGE = np.zeros((120, 200, 3), np.uint8)
+
+
+# ---------------------------------------------------------------- pipeline
+
+
+def test_replies_in_any_order_reach_their_own_face():
+    p = FramePipeline("s", display_delay_ms=150, max_pending_frames=8)
+    ids = [i for n in range(3) for i in p.add_frame(n, n / 15, IMAGE, boxes(3), now=0.0)]
+    for i in ids:
+        p.sent(i, now=0.001)
+    replies = [result_for(i) for i in ids]
+    random.Random(4).shuffle(replies)
+    assert all(p.on_reply(r, now=0.021) for r in reversed(replies))
+    shown = p.ready(now=0.022)  # all answered: no need to wait for the display delay
+    assert [s.index for s in shown] == [0, 1, 2] and len(p) == 0
+    for s in shown:
+        for k, face in enumerate(s.faces):
+            assert face.id == cid(s.index, k)
+            assert face.box == boxes(3)[k]
+            assert (face.label, face.worker, face.error) == (label_for(face.id), worker_for(face.id), None)
+            assert face.probabilities[face.label] == 0.6
+            assert face.latency_ms == pytest.approx(20.0)
+    assert p.late_replies == 0
+
+
+def test_a_frame_waits_for_its_delay_then_shows_what_arrived_and_late_replies_are_dropped():
+    p = FramePipeline("s", display_delay_ms=150, max_pending_frames=8)
+    a, b = p.add_frame(0, 0.0, IMAGE, boxes(2), now=10.0)
+    p.sent(a, 10.0)
+    p.sent(b, 10.0)
+    assert p.on_reply(result_for(b), now=10.05)
+    assert p.ready(now=10.1) == [] and p.seconds_until_due(10.1) == pytest.approx(0.05)
+    (shown,) = p.ready(now=10.15)
+    assert shown.faces[0].error == TIMEOUT and shown.faces[0].label is None and shown.faces[0].latency_ms is None
+    assert shown.faces[1].label == label_for(b)
+    assert not p.on_reply(result_for(a), now=10.2)  # its frame is gone: late, dropped
+    assert not p.on_reply(result_for(cid(99, 0)), now=10.2)  # never sent
+    assert not p.on_reply(result_for(cid(0, 0, stream="other")), now=10.2)
+    assert p.late_replies == 3 and p.seconds_until_due(10.2) is None
+
+
+def test_frames_are_shown_in_capture_order():
+    p = FramePipeline("s", display_delay_ms=100, max_pending_frames=8)
+    (a,) = p.add_frame(0, 0.0, IMAGE, boxes(1), now=0.0)
+    (b,) = p.add_frame(1, 0.1, IMAGE, boxes(1), now=0.05)
+    p.on_reply(result_for(b), now=0.06)  # the newer frame is complete first ...
+    assert p.ready(now=0.07) == []  # ... but does not overtake the older one
+    p.on_reply(result_for(a), now=0.08)
+    assert [s.index for s in p.ready(now=0.08)] == [0, 1]
+    with pytest.raises(ValueError):
+        p.add_frame(1, 0.2, IMAGE, [], now=0.1)
+
+
+def test_error_replies_are_recorded_with_kind_reason_and_latency():
+    p = FramePipeline("s", display_delay_ms=150)
+    ids = p.add_frame(0, 0.0, IMAGE, boxes(4), now=0.0)
+    for i in ids[:3]:
+        p.sent(i, 0.0)
+    assert p.on_reply(Busy(id=ids[0], reason="queue full (200 jobs)"), now=0.002)
+    assert p.on_reply(Expired(id=ids[1], reason="deadline passed in queue"), now=0.25)
+    assert p.on_reply(Error(id=ids[2], reason="payload is 3 bytes"), now=0.01)
+    assert not p.on_reply(Error(id=ids[2], reason="again"), now=0.01)  # a face gets one reply
+    p.failed(ids[3], UNSENT, "socket full")
+    (shown,) = p.ready(now=0.3)
+    kinds = [(f.error, f.reason) for f in shown.faces]
+    assert kinds == [("BUSY", "queue full (200 jobs)"), ("EXPIRED", "deadline passed in queue"),
+                     ("ERROR", "payload is 3 bytes"), (UNSENT, "socket full")]
+    assert shown.faces[1].latency_ms == pytest.approx(250.0)
+    assert shown.faces[3].latency_ms is None
+
+
+def test_a_reply_without_id_is_logged_and_dropped(caplog):
+    p = FramePipeline("s")
+    p.add_frame(0, 0.0, IMAGE, boxes(1), now=0.0)
+    with caplog.at_level(logging.WARNING, logger="fer_swarm.edge.pipeline"):
+        assert not p.on_reply(Error(id=None, reason="unreadable header"), now=0.01)
+    assert "unreadable header" in caplog.text and p.late_replies == 1
+
+
+def test_pending_frames_are_bounded_oldest_shown_first():
+    p = FramePipeline("s", display_delay_ms=10_000, max_pending_frames=2)
+    for n in range(4):
+        p.add_frame(n, n / 30, IMAGE, boxes(1), now=n / 30)
+        shown = p.ready(now=n / 30)
+        assert len(p) <= 2
+        if n >= 2:
+            assert [s.index for s in shown] == [n - 2]
+            assert shown[0].faces[0].error == TIMEOUT
+    assert [s.index for s in p.flush()] == [2, 3] and len(p) == 0
+
+
+def test_frames_without_faces_are_shown_at_once():
+    p = FramePipeline("s", display_delay_ms=150)
+    assert p.add_frame(0, 0.0, IMAGE, [], now=0.0) == []
+    (shown,) = p.ready(now=0.0)
+    assert shown.faces == () and shown.events() == []
+
+
+def test_event_records_follow_the_schema():
+    p = FramePipeline("s", display_delay_ms=150)
+    a, b = p.add_frame(7, 0.4667, IMAGE, boxes(2), now=0.0)
+    p.sent(a, 0.0)
+    p.on_reply(result_for(a), now=0.0123)
+    (shown,) = p.ready(now=1.0)
+    good, bad = (json.loads(json.dumps(e)) for e in shown.events())
+    keys = {"frame", "time_s", "box", "label", "probabilities", "latency_ms", "worker", "error"}
+    assert set(good) == keys and set(bad) == keys
+    assert good["frame"] == 7 and good["time_s"] == 0.4667 and good["box"] == [10, 10, 50, 50]
+    assert good["label"] == label_for(a) and good["probabilities"][label_for(a)] == 0.6
+    assert good["latency_ms"] == pytest.approx(12.3) and good["worker"] == worker_for(a) and good["error"] is None
+    assert bad["box"] == [70, 10, 50, 50]
+    assert (bad["label"], bad["probabilities"], bad["latency_ms"], bad["worker"], bad["error"]) == (
+        None, None, None, None, TIMEOUT)
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def outcome(probs: dict[str, float] | None, box=Box(60, 50, 60, 60), error=None) -> FaceOutcome:
+    label = max(probs, key=probs.get) if probs else None
+    return FaceOutcome(id=cid(0, 0), box=box, label=label, probabilities=probs, worker="w" if probs else None,
+                       error=error)
+
+
+BLEND = {"happy": 0.55, "sad": 0.3, "angry": 0.15}
+
+
+def test_label_text_top_and_second_by_threshold():
+    assert label_text(outcome(BLEND), 0.25) == "happy 0.55 / sad 0.30"
+    assert label_text(outcome(BLEND), 0.35) == "happy 0.55"
+    assert label_text(outcome(BLEND), 0.3) == "happy 0.55 / sad 0.30"  # at the threshold counts
+    assert label_text(outcome(None, error=TIMEOUT), 0.25) == "TIMEOUT"
+    assert label_text(outcome(None, error="BUSY"), 0.25) == "BUSY"
+
+
+def changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.any(a != b, axis=2)
+
+
+def test_draw_marks_the_box_and_writes_the_label_above_it():
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    out = draw_faces(frame, [outcome(BLEND)], second_label_threshold=0.25)
+    diff = changed(frame, out)
+    assert frame.max() == 128  # the input is not drawn on
+    assert diff[50:110, 60].all() and diff[50, 60:120].all()  # the box's left and top edges
+    assert not diff[60:100, 70:110].any()  # the face itself stays visible
+    assert diff[30:50, 60:120].mean() > 0.3  # the tag above the box
+
+
+def test_second_label_appears_only_at_or_above_the_threshold():
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    with_second = changed(frame, draw_faces(frame, [outcome(BLEND)], second_label_threshold=0.25))
+    top_only = changed(frame, draw_faces(frame, [outcome(BLEND)], second_label_threshold=0.35))
+    band = slice(30, 49)  # the tag's rows, above the box
+    right_edge = lambda mask: np.nonzero(mask[band].any(axis=0))[0].max()  # noqa: E731
+    assert right_edge(with_second) > right_edge(top_only) + 30
+    assert (with_second[53:] == top_only[53:]).all()  # below the tag, the box is the same either way
+
+
+def test_faces_without_a_label_look_different():
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    good = draw_faces(frame, [outcome(BLEND)])
+    late = draw_faces(frame, [outcome(None, error=TIMEOUT)])
+    failed = draw_faces(frame, [outcome(None, error="BUSY")])
+    edge = (slice(50, 110), 60)  # the box's left edge
+    colours = [tuple(img[edge].max(axis=0)) for img in (good, late, failed)]
+    assert len(set(colours)) == 3
+    assert (changed(frame, late)[edge] != changed(frame, good)[edge]).any()  # dashed, not solid
+
+
+def test_labels_on_small_faces_at_the_edges_stay_inside_the_frame():
+    frame = np.full((60, 100, 3), 128, np.uint8)
+    for box in (Box(0, 0, 16, 16), Box(88, 40, 12, 12)):
+        out = draw_faces(frame, [outcome(BLEND, box=box)], second_label_threshold=0.25)
+        assert out.shape == frame.shape
+        diff = changed(frame, out)
+        assert diff.sum() > 100  # the tag was drawn, clamped into the frame, not clipped away
+        assert diff[max(0, box.y - 5):box.y + 5, max(0, box.x - 60):box.x + 5].any()
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_video_source_delivers_every_frame_when_not_realtime(clip):
+    with VideoSource(clip) as src:
+        frames = list(src)
+    assert src.fps == pytest.approx(15)
+    assert [f.index for f in frames] == list(range(16))
+    assert [f.time_s for f in frames] == pytest.approx([n / 15 for n in range(16)])
+    assert all(f.bgr.shape == (480, 640, 3) for f in frames)
+
+
+class Clock:
+    """Time for the realtime pacing test: the consumer's work and the source's waits advance it."""
+
+    def __init__(self):
+        self.t = 100.0
+        self.waits: list[float] = []
+
+    def __call__(self) -> float:
+        return self.t
+
+    def wait(self, s: float) -> None:
+        self.waits.append(s)
+        self.t += s
+
+
+def test_realtime_video_skips_frames_when_the_consumer_is_slow(clip):
+    clock = Clock()
+    with VideoSource(clip, realtime=True, clock=clock) as src:
+        got = []
+        for frame in src.frames(wait=clock.wait):
+            got.append(frame.index)
+            clock.t += 0.2  # three frame intervals of work per frame
+    assert got[0] == 0 and len(got) < 8
+    assert all(b - a >= 3 for a, b in zip(got, got[1:])), got
+    assert src.skipped == 16 - len(got) - (15 - got[-1])
+
+
+def test_realtime_video_paces_a_fast_consumer_at_the_file_rate(clip):
+    clock = Clock()
+    with VideoSource(clip, realtime=True, clock=clock) as src:
+        got = [(f.index, clock()) for f in src.frames(wait=clock.wait)]
+    assert [i for i, _ in got] == list(range(16))
+    assert [t - 100.0 for _, t in got] == pytest.approx([n / 15 for n in range(16)])
+    assert src.skipped == 0
+
+
+def test_video_source_errors(tmp_path):
+    with pytest.raises(FerSwarmError, match="not found"):
+        VideoSource(tmp_path / "missing.mp4")
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"this is not a video" * 100)
+    with pytest.raises(FerSwarmError, match="cannot read video"):
+        src = VideoSource(bad)
+        try:
+            list(src)
+        finally:
+            src.close()
+
+
+def test_image_folder_in_name_order_skipping_unreadable(tmp_path, astronaut_bgr, caplog):
+    cv2.imwrite(str(tmp_path / "b.png"), astronaut_bgr)
+    cv2.imwrite(str(tmp_path / "a.jpg"), astronaut_bgr[:, ::-1])
+    (tmp_path / "c.png").write_bytes(b"\x89PNG not really")
+    cv2.imwrite(str(tmp_path / "d.png"), astronaut_bgr[:100])
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING), ImageFolderSource(tmp_path) as src:
+        frames = list(src)
+    assert [f.index for f in frames] == [0, 1, 3]
+    assert [f.bgr.shape for f in frames] == [(512, 512, 3), (512, 512, 3), (100, 512, 3)]
+    assert src.unreadable == [tmp_path / "c.png"] and "c.png" in caplog.text
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FerSwarmError, match="not found"):
+        ImageFolderSource(tmp_path / "nope")
+    (tmp_path / "readme.txt").write_text("x")
+    with pytest.raises(FerSwarmError, match="no images"):
+        ImageFolderSource(tmp_path)
+
+
+class FakeCamera:
+    """A camera outside the system: frames at about ``fps``, then (optionally) unplugged."""
+
+    def __init__(self, n: int | None = 40, fps: float = 200.0, opened: bool = True):
+        self.n, self.period, self.opened = n, 1 / fps, opened
+        self.reads = 0
+        self.released = False
+        self.frame = np.full((48, 64, 3), 90, np.uint8)
+
+    def isOpened(self) -> bool:
+        return self.opened
+
+    def get(self, prop) -> float:
+        return 1 / self.period if prop == cv2.CAP_PROP_FPS else 0.0
+
+    def read(self):
+        time.sleep(self.period)
+        if self.n is not None and self.reads >= self.n:
+            return False, None
+        self.reads += 1
+        return True, self.frame
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_camera_keeps_only_the_newest_frame_for_a_slow_consumer():
+    cam = FakeCamera(n=40, fps=200)
+    src = CameraSource(3, capture=cam)
+    try:
+        got = []
+        started = time.monotonic()
+        for frame in src:
+            got.append(frame)
+            time.sleep(0.02)  # slower than the camera: frames in between are replaced
+            assert time.monotonic() - started < 5
+    finally:
+        src.close()
+    indices = [f.index for f in got]
+    assert indices == sorted(set(indices)) and len(got) < 40
+    assert max(b - a for a, b in zip(indices, indices[1:])) > 1
+    assert all(b.time_s > a.time_s for a, b in zip(got, got[1:]))
+    assert cam.released and src.fps == pytest.approx(200)
+    assert src._thread is not None and not src._thread.is_alive()
+
+
+def test_camera_without_realtime_delivers_every_frame_read():
+    cam = FakeCamera(n=12)
+    with CameraSource(0, capture=cam, realtime=False) as src:
+        assert [f.index for f in src] == list(range(12))
+    assert cam.released
+
+
+def test_camera_that_cannot_be_opened():
+    cam = FakeCamera(opened=False)
+    with pytest.raises(FerSwarmError, match="cannot open camera 5"):
+        CameraSource(5, capture=cam)
+    assert cam.released
+
+
+def test_open_source_picks_the_given_one(clip, tmp_path):
+    with pytest.raises(FerSwarmError, match="--camera"):
+        open_source()
+    with open_source(video=clip) as src:
+        assert src.kind == "video" and not src.realtime
+    with open_source(video=clip, realtime=True) as src:
+        assert src.realtime
+
+
+# ---------------------------------------------------------------- client
+
+
+def test_client_connects_and_matches_replies_sent_back_in_reverse(ctx, make_router, caplog):
+    router = make_router()
+    with caplog.at_level(logging.WARNING), SwarmClient(ctx, router.endpoint, connect_timeout_s=5) as client:
+        welcome = client.connect()
+        assert welcome.model == MODEL
+        assert "malformed" in caplog.text  # the junk frame before WELCOME was dropped, not fatal
+        crop = np.arange(48 * 40, dtype=np.uint32).astype(np.uint8).reshape(48, 40)
+        ids = [cid(5, k, stream="cam-1") for k in range(4)]
+        assert all(client.send_job(i, crop, deadline_ms=250) for i in ids)
+        replies = []
+        deadline = time.monotonic() + 5
+        while len(replies) < 4 and time.monotonic() < deadline:
+            replies += client.poll_replies(50)
+    assert [r.id for r in replies] == ids[::-1]
+    assert all(r.label == label_for(r.id) for r in replies)
+    assert router.reversed_batches >= 1
+    assert [j.payload for j in router.jobs] == [crop.tobytes()] * 4
+    assert {(j.width_px, j.height_px, j.deadline_ms) for j in router.jobs} == {(40, 48, 250)}
+
+
+def test_client_says_when_no_worker_is_registered(ctx, make_router):
+    router = make_router(model=None)
+    with SwarmClient(ctx, router.endpoint, connect_timeout_s=1.2) as client:
+        started = time.monotonic()
+        with pytest.raises(FerSwarmError, match="no worker is registered"):
+            client.connect()
+    assert 1.1 < time.monotonic() - started < 3
+    assert router.hellos >= 2  # HELLO is repeated while waiting
+
+
+def test_client_says_when_no_broker_answers(ctx):
+    with SwarmClient(ctx, "tcp://127.0.0.1:9", connect_timeout_s=0.3) as client:
+        with pytest.raises(FerSwarmError, match="no broker answered at tcp://127.0.0.1:9"):
+            client.connect()
+
+
+def test_send_never_blocks_and_reports_a_full_socket(ctx):
+    with SwarmClient(ctx, "tcp://127.0.0.1:9", hwm=2) as client:
+        crop = np.zeros((48, 40), np.uint8)
+        results = [client.send_job(cid(0, k), crop, 100) for k in range(20)]
+    assert results[0] and not results[-1]
+
+
+def test_zmq_errors_become_transport_errors(ctx):
+    with pytest.raises(TransportError, match="cannot connect to not-an-endpoint"):
+        SwarmClient(ctx, "not-an-endpoint")
+
+
+# ---------------------------------------------------------------- run_edge, end to end
+
+
+def edge_settings(tmp_path: Path, endpoint: str, **kw) -> EdgeSettings:
+    base = dict(broker=endpoint, output=tmp_path / "annotated.mp4", events=tmp_path / "events.jsonl",
+                connect_timeout_s=5, display_delay_ms=1500, stream="test")
+    return EdgeSettings(**(base | kw))
+
+
+def read_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_edge_headless_labels_every_face_with_its_own_reply(ctx, make_router, clip, tmp_path):
+    router = make_router()
+    settings = edge_settings(tmp_path, router.endpoint, video=clip)
+    summary = run_edge(settings, context=ctx)
+
+    events = read_events(settings.events)
+    assert summary.frames == 16 and summary.faces == len(events) >= 30  # two faces in (nearly) every frame
+    assert summary.answered == summary.faces and summary.errors == {}
+    assert summary.latency_p50_ms is not None and 0 < summary.latency_p50_ms <= summary.latency_p95_ms < 1500
+    assert sum(summary.labels.values()) == summary.faces and summary.to_dict()["frames"] == 16
+    face_in_frame: dict[int, int] = {}
+    for e in events:
+        k = face_in_frame[e["frame"]] = face_in_frame.get(e["frame"], -1) + 1
+        id = cid(e["frame"], k, stream="test")
+        assert (e["label"], e["worker"], e["error"]) == (label_for(id), worker_for(id), None), e
+        assert e["time_s"] == pytest.approx(e["frame"] / 15, abs=1e-3)
+    assert sorted(face_in_frame) == sorted(set(face_in_frame))
+    # Each face's box is where the detector put it: face 0 is the larger one.
+    by_frame = {}
+    for e in events:
+        by_frame.setdefault(e["frame"], []).append(e["box"])
+    assert all(b[0][2] >= b[1][2] for b in by_frame.values() if len(b) == 2)
+    assert router.reversed_batches >= 1 and len(router.jobs) == summary.faces
+    assert {(j.width_px, j.height_px) for j in router.jobs} == {(40, 48)}  # the size WELCOME announced
+    assert all(len(j.payload) == 40 * 48 and np.frombuffer(j.payload, np.uint8).std() > 20 for j in router.jobs)
+
+    annotated, original = read_video(settings.output), read_video(clip)
+    assert len(annotated) == 16 and annotated[0].shape == (480, 640, 3)
+    x, y, w, h = events[0]["box"]
+    assert np.abs(annotated[0].astype(int) - original[0])[y:y + h, x].mean() > 40  # the box is drawn
+
+
+def test_run_edge_shows_late_frames_with_what_arrived(ctx, make_router, clip, tmp_path):
+    router = make_router(hold_s=0.4)  # slower than the display delay
+    settings = edge_settings(tmp_path, router.endpoint, video=clip, display_delay_ms=50, max_frames=4, output=None)
+    summary = run_edge(settings, context=ctx)
+    events = read_events(settings.events)
+    assert summary.frames == 4 and summary.answered == 0
+    assert summary.errors == {TIMEOUT: summary.faces} and summary.latency_p50_ms is None
+    assert {e["error"] for e in events} == {TIMEOUT}
+    assert all(e["label"] is None and e["probabilities"] is None for e in events)
+
+
+def test_run_edge_counts_errors_by_kind(ctx, make_router, clip, tmp_path):
+    def answer(job: Job):
+        if job.id.face == 1:
+            return Busy(id=job.id, reason="queue full")
+        return result_for(job.id)
+
+    router = make_router(answer=answer)
+    settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=5, max_faces=2, output=None)
+    summary = run_edge(settings, context=ctx)
+    events = read_events(settings.events)
+    assert summary.frames == 5 and summary.errors == {"BUSY": summary.faces - summary.answered}
+    assert summary.errors["BUSY"] >= 4
+    assert [e["error"] for e in events if e["error"]] == ["BUSY: queue full"] * summary.errors["BUSY"]
+
+
+def test_run_edge_max_faces_limits_jobs(ctx, make_router, clip, tmp_path):
+    router = make_router()
+    settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=3, max_faces=1, output=None)
+    summary = run_edge(settings, context=ctx)
+    assert summary.faces == len(router.jobs) == 3
+    assert {j.id.face for j in router.jobs} == {0}
+
+
+def test_run_edge_stops_a_camera_when_asked(ctx, make_router, astronaut_bgr, tmp_path):
+    router = make_router()
+    cam = FakeCamera(n=None, fps=30)
+    cam.frame = cv2.resize(astronaut_bgr, (320, 320))
+    stop = threading.Event()
+    timer = threading.Timer(1.0, stop.set)
+    settings = edge_settings(tmp_path, router.endpoint, output=None, max_frames=300)
+    source = CameraSource(0, capture=cam)
+    try:
+        timer.start()
+        started = time.monotonic()
+        summary = run_edge(settings, context=ctx, stop=stop, source=source)
+        assert time.monotonic() - started < 4
+    finally:
+        timer.cancel()
+        source.close()
+    assert 3 <= summary.frames < 300 and summary.faces == summary.frames
+    assert summary.answered >= summary.frames - 3  # all but the frames in flight at the stop
+
+
+def test_run_edge_without_a_display_asks_for_headless_outputs(monkeypatch, clip):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.raises(FerSwarmError, match="--output"):
+        run_edge(EdgeSettings(video=clip))
+    with pytest.raises(FerSwarmError, match="--events"):
+        run_edge(EdgeSettings(video=clip, events=Path("x.jsonl"), show=True))
+
+
+def test_run_edge_fails_clearly_without_a_pool(ctx, make_router, clip, tmp_path):
+    router = make_router(model=None)
+    settings = edge_settings(tmp_path, router.endpoint, video=clip, connect_timeout_s=0.6)
+    with pytest.raises(FerSwarmError, match="no worker is registered"):
+        run_edge(settings, context=ctx)
