@@ -82,7 +82,7 @@ class EdgeSettings(Settings):
     events: Path | None = Field(None, description="Write one JSON line per face here (headless).")
     show: bool | None = Field(None, description="Show a window; default: only when no --output/--events is given.")
     stream: str = Field("", max_length=64, description="Stream name in correlation ids; empty for SOURCE-PID.")
-    deadline_ms: int = Field(250, ge=1, description="Deadline of each face job, in milliseconds.")
+    deadline_ms: int = Field(250, ge=1, le=600_000, description="Deadline of each face job, in milliseconds.")
     display_delay_ms: int = Field(150, ge=0, description="How long a frame waits for its labels before it is shown with what has arrived, in ms.")
     max_pending_frames: int = Field(8, ge=1, description="Frames held waiting for labels; the oldest is shown early beyond this.")
     max_faces: int = Field(8, ge=1, description="Faces per frame sent for labelling (largest first).")

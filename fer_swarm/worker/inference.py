@@ -42,6 +42,8 @@ class InferencePool:
         self._endpoint = results_endpoint
         # Load every interpreter before starting: a model that cannot load fails start-up, not job one.
         self._classifiers = [Classifier(model_path, threads=1, card=card) for _ in range(threads)]
+        for clf in self._classifiers:  # the first invoke sets up kernels: pay it now, not on a client's first face
+            clf.predict(np.zeros(clf.crop_size[::-1], np.uint8))
         self._threads = [
             threading.Thread(target=self._run, args=(clf,), name=f"inference-{i}", daemon=True)
             for i, clf in enumerate(self._classifiers)
