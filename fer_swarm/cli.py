@@ -414,5 +414,60 @@ def demo(
     console.print(f"annotated video: {settings.output}\nevents: {settings.events}")
 
 
+@app.command()
+@friendly_errors
+def bench(
+    quick: bool = typer.Option(False, "--quick", help="A smoke run of seconds: one point per configuration, short windows."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.png and the edge clips."),
+    configs: str = typer.Option("abcde", help="Which configurations to run (letters, see docs/performance.md)."),
+    edge: bool = typer.Option(True, "--edge/--no-edge", help="Also measure the edge pipeline's frames per second."),
+    window_s: float = typer.Option(1.0, min=0.1, help="Seconds per measurement window."),
+    max_windows: int = typer.Option(8, min=4, help="Windows per point at most, if three never agree within 10%."),
+    service_ms: float = typer.Option(15.0, min=0.0, help="Simulated Raspberry Pi service time per face (config e), ms."),
+    rtt_ms: float = typer.Option(5.0, min=0.0, help="Round-trip delay added on every link in config e, ms."),
+    sim_workers: str = typer.Option("1,2,4,8", help="Simulated Pi worker counts for config e."),
+) -> None:
+    """Measure fer-swarm against in-process inference and the prototype's design, side by side in one run,
+    on real processes over loopback: throughput, latency p50/p90/p99, EXPIRED/BUSY/ERROR counts."""
+    import dataclasses
+
+    from .bench import suite
+
+    if quick:
+        opts = dataclasses.replace(suite.BenchOptions.smoke(out_dir), configs=configs)
+    else:
+        opts = suite.BenchOptions(out_dir=out_dir, window_s=window_s, max_windows=max_windows, service_ms=service_ms,
+                                  rtt_ms=rtt_ms, configs=configs,
+                                  sim_workers=tuple(int(w) for w in sim_workers.split(",") if w.strip()))
+    table = Table(title="fer-swarm bench (this machine, one run)")
+    for col in ("configuration", "faces/s", "p50 ms", "p90 ms", "p99 ms", "expired", "busy", "errors", "settled"):
+        table.add_column(col, justify="right")
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+
+    def progress(m) -> None:
+        err.print(f"  {m.point.name}: {m.throughput_per_s:.0f} faces/s, p99 {fmt(m.p99_ms)} ms"
+                  f"{'' if m.settled else ' (windows did not agree within 10%)'}", highlight=False)
+        table.add_row(m.point.name, f"{m.throughput_per_s:.0f}", fmt(m.p50_ms), fmt(m.p90_ms), fmt(m.p99_ms),
+                      str(m.expired), str(m.busy), str(m.errors), "yes" if m.settled else "NO")
+
+    report = suite.run(opts, progress)
+    console.print(table, width=max(console.width, 132))
+    for t in report.targets:
+        verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: ""}[t["met"]]
+        console.print(f"{t['target']}: {t['measured']} (goal {t['goal']}) {verdict}")
+    result = report.to_dict()
+    if edge:
+        from .bench.edgefps import measure
+
+        result["edge"] = measure(out_dir / "edge", frames=60 if quick else 150)
+        for name in ("full resolution", "reduced (default 320 px)"):
+            e = result["edge"][name]
+            console.print(f"edge, detection at {name}: {e['edge_fps']} fps whole pipeline; stages (ms/frame) "
+                          + ", ".join(f"{k} {v}" for k, v in e["stages_ms"].items()), highlight=False)
+    json_path, png_path = suite.write(report, out_dir)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(f"figures: {json_path}, plot: {png_path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(run())

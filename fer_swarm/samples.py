@@ -84,13 +84,15 @@ def sample_clip(
     faces: int = 2,
     fps: float = 15,
     seed: int = 0,
+    strict: bool = True,
 ) -> Path:
     """Write an mp4 (mp4v) of ``faces`` real faces moving smoothly over a plain background.
 
     ``size`` is (width, height). Face 0 is the largest; odd faces are mirrored.
     Every face is large enough for the default HaarDetector on a frame of this
     size, or FerSwarmError says the frame is too small for that many faces.
-    The same arguments give the same frames.
+    The same arguments give the same frames. ``strict=False`` allows faces too
+    small for the default detector (benchmarks that compare detection sizes).
     """
     width, height = size
     if frames < 1 or faces < 1 or fps <= 0:
@@ -101,7 +103,7 @@ def sample_clip(
     base_px = int(min(cell_w, cell_h) * 0.85)
     smallest_face = base_px * min(_SCALES[i % len(_SCALES)] for i in range(faces)) / 2
     needed = 24 * max(1.0, width / 320) * _MIN_FACE_FACTOR
-    if smallest_face < needed:
+    if smallest_face < needed and strict:
         raise FerSwarmError(
             f"a {width}x{height} frame is too small for {faces} detectable faces "
             f"(faces would be {smallest_face:.0f} px, need {needed:.0f})"

@@ -123,8 +123,11 @@ class LoadClient:
             else:
                 window.errors += 1
 
-    def closed_loop(self, in_flight: int, window_s: float, windows: int) -> LoadResult:
-        """Keep ``in_flight`` jobs outstanding for ``windows`` windows of ``window_s`` seconds each."""
+    def closed_loop(self, in_flight: int, window_s: float, windows: int, on_window=None) -> LoadResult:
+        """Keep ``in_flight`` jobs outstanding for ``windows`` windows of ``window_s`` seconds each.
+
+        ``on_window(window)``, if given, is called as each window closes (to stream figures out).
+        """
         out, sent = [], 0
         for _ in range(in_flight):
             self._send()
@@ -137,9 +140,11 @@ class LoadClient:
                     self._send()
                     sent += 1
             out.append(w)
+            if on_window:
+                on_window(w)
         return LoadResult(out, sent, self._drain())
 
-    def open_loop(self, rate_per_s: float, window_s: float, windows: int) -> LoadResult:
+    def open_loop(self, rate_per_s: float, window_s: float, windows: int, on_window=None) -> LoadResult:
         """Send at ``rate_per_s`` regardless of replies (as a camera does) for ``windows`` windows."""
         out, sent = [], 0
         interval = 1.0 / rate_per_s
@@ -154,6 +159,8 @@ class LoadClient:
                     next_send += interval
                 self._receive(w, max(0.0, min(next_send, end) - time.perf_counter()) * 1000)
             out.append(w)
+            if on_window:
+                on_window(w)
         return LoadResult(out, sent, self._drain())
 
     def _drain(self, timeout_s: float = 3.0) -> int:

@@ -184,6 +184,13 @@ class Worker:
             if int.from_bytes(generation, "big") == self.generation:
                 self._send_frames(frames)
 
+    def _echo(self, job: p.Job) -> list[bytes]:
+        """A fixed RESULT for ``job``, made on the I/O thread: what the broker costs with free inference."""
+        labels = self.card.labels
+        probs = {label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)}
+        return p.encode(p.Result(id=job.id, job=job.job, label=labels[0], probabilities=probs,
+                                 model=self.card.model_id, worker=self.name, inference_ms=0.0))
+
     def _on_broker(self, frames: list[bytes], now: float) -> bool:
         """Handle one message from the broker; False when the connection must be dropped."""
         try:
@@ -195,6 +202,9 @@ class Worker:
             return True
         if isinstance(msg, p.Job):
             self.jobs += 1
+            if self.settings.echo:
+                self._send_frames(self._echo(msg))
+                return True
             try:
                 self.pool.tasks.put_nowait(Task(self.generation, msg, now))
             except queue.Full:
