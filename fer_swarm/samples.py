@@ -26,7 +26,7 @@ import numpy as np
 from .errors import FerSwarmError
 from .faces import Box, crop_face, to_gray
 
-__all__ = ["ASTRONAUT_FACE", "sample_clip", "sample_faces"]
+__all__ = ["ASTRONAUT_FACE", "read_clip", "sample_clip", "sample_faces"]
 
 # Where HaarDetector() finds the face in the 512x512 portrait.
 ASTRONAUT_FACE = Box(174, 66, 98, 98)
@@ -154,3 +154,18 @@ def sample_faces(size: tuple[int, int] = (48, 48), *, margin: float = 0.1) -> li
     darker = np.clip(face.astype(np.int16) - 40, 0, 255).astype(np.uint8)
     brighter = np.clip(face.astype(np.int16) + 40, 0, 255).astype(np.uint8)
     return [face, np.ascontiguousarray(face[:, ::-1]), darker, brighter]
+
+
+def read_clip(path: str | Path, limit: int = 10_000) -> list[np.ndarray]:
+    """Every frame of a video file (at most ``limit``), as BGR arrays."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    try:
+        while len(frames) < limit:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            frames.append(frame)
+    finally:
+        cap.release()
+    return frames

@@ -1,7 +1,6 @@
 """Settings: precedence flag > environment > file > default, and one clear error for anything unknown or bad."""
 
 import tomllib
-from pathlib import Path
 
 import pytest
 

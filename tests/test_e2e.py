@@ -10,7 +10,7 @@ from fer_swarm.config import EdgeSettings
 from fer_swarm.edge.app import run_edge
 from fer_swarm.faces import Box, crop_face, to_gray
 from fer_swarm.model import Classifier
-from fer_swarm.samples import sample_clip
+from fer_swarm.samples import read_clip, sample_clip
 
 from .conftest import run_cli
 from .swarm import MODEL, BrokerThread, WorkerThread, wait_for, zmq_context
@@ -42,10 +42,7 @@ def test_edge_end_to_end_labels_every_face_with_its_own_crop(clip, tmp_path):
     assert {e["worker"] for e in lines} == {"pi-0", "pi-1"}
     # Each label must be the model's answer for that very face: recompute it from the clip.
     clf = Classifier(MODEL)
-    cap = cv2.VideoCapture(str(clip))
-    frames = []
-    while (ok_frame := cap.read())[0]:
-        frames.append(to_gray(ok_frame[1]))
+    frames = [to_gray(f) for f in read_clip(clip)]
     for e in lines:
         crop = crop_face(frames[e["frame"]], Box(*e["box"]), clf.crop_size)
         probs = clf.predict(crop)

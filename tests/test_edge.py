@@ -31,7 +31,7 @@ from fer_swarm.faces import Box
 from fer_swarm.protocol import (
     Busy, CorrelationId, Error, Expired, Heartbeat, Job, ModelInfo, Result, Welcome, decode_routed, encode_routed,
 )
-from fer_swarm.samples import sample_clip
+from fer_swarm.samples import read_clip, sample_clip
 
 LABELS = ("angry", "happy", "neutral", "sad", "surprise")
 # Not square, so a crop made as (height, width) instead of (width, height) is caught.
@@ -154,20 +154,6 @@ def make_router(ctx):
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> Path:
     return sample_clip(tmp_path_factory.mktemp("edge") / "clip.mp4", frames=16, faces=2, fps=15, seed=3)
-
-
-def read_video(path: Path, limit: int = 200) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    try:
-        for _ in range(limit):
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(frame)
-    finally:
-        cap.release()
-    return frames
 
 
 def cid(frame: int, face: int, stream: str = "s") -> CorrelationId:
@@ -600,7 +586,7 @@ def test_run_edge_headless_labels_every_face_with_its_own_reply(ctx, make_router
     assert {(j.width_px, j.height_px) for j in router.jobs} == {(40, 48)}  # the size WELCOME announced
     assert all(len(j.payload) == 40 * 48 and np.frombuffer(j.payload, np.uint8).std() > 20 for j in router.jobs)
 
-    annotated, original = read_video(settings.output), read_video(clip)
+    annotated, original = read_clip(settings.output), read_clip(clip)
     assert len(annotated) == 16 and annotated[0].shape == (480, 640, 3)
     x, y, w, h = events[0]["box"]
     assert np.abs(annotated[0].astype(int) - original[0])[y:y + h, x].mean() > 40  # the box is drawn

@@ -4,27 +4,12 @@ from __future__ import annotations
 
 import time
 
-import cv2
 import numpy as np
 import pytest
 
 from fer_swarm.errors import FerSwarmError
 from fer_swarm.faces import HaarDetector, to_gray
-from fer_swarm.samples import ASTRONAUT_FACE, sample_clip, sample_faces
-
-
-def read_all(path) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    try:
-        for _ in range(1000):  # bounded: no clip here is longer
-            ok, frame = cap.read()
-            if not ok:
-                break
-            frames.append(frame)
-    finally:
-        cap.release()
-    return frames
+from fer_swarm.samples import ASTRONAUT_FACE, read_clip, sample_clip, sample_faces
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +23,7 @@ def test_default_clip_has_its_frames_size_and_two_faces_nearly_everywhere(defaul
     path, seconds = default_clip
     assert path.is_file() and path.suffix == ".mp4"
     assert seconds < 4  # the brief asks < 2 s; allow for the training job sharing the CPU
-    frames = read_all(path)
+    frames = read_clip(path)
     assert len(frames) == 90
     assert all(f.shape == (480, 640, 3) for f in frames)
     detector = HaarDetector()
@@ -49,7 +34,7 @@ def test_default_clip_has_its_frames_size_and_two_faces_nearly_everywhere(defaul
 
 def test_faces_move_and_face_zero_is_the_largest(default_clip):
     path, _ = default_clip
-    frames = read_all(path)
+    frames = read_clip(path)
     detector = HaarDetector()
     first, last = detector.detect(to_gray(frames[0])), detector.detect(to_gray(frames[45]))
     assert len(first) == 2 and len(last) == 2
@@ -59,16 +44,16 @@ def test_faces_move_and_face_zero_is_the_largest(default_clip):
 
 def test_one_face_in_a_small_frame(tmp_path):
     path = sample_clip(tmp_path / "one.mp4", frames=10, size=(320, 240), faces=1, fps=10)
-    frames = read_all(path)
+    frames = read_clip(path)
     assert len(frames) == 10 and frames[0].shape == (240, 320, 3)
     detector = HaarDetector()
     assert sum(len(detector.detect(to_gray(f))) == 1 for f in frames) >= 9
 
 
 def test_same_seed_same_frames_other_seed_other_frames(tmp_path):
-    a = read_all(sample_clip(tmp_path / "a.mp4", frames=3, seed=7))
-    b = read_all(sample_clip(tmp_path / "b.mp4", frames=3, seed=7))
-    c = read_all(sample_clip(tmp_path / "c.mp4", frames=3, seed=8))
+    a = read_clip(sample_clip(tmp_path / "a.mp4", frames=3, seed=7))
+    b = read_clip(sample_clip(tmp_path / "b.mp4", frames=3, seed=7))
+    c = read_clip(sample_clip(tmp_path / "c.mp4", frames=3, seed=8))
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
 

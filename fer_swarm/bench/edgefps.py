@@ -24,14 +24,6 @@ from ..launch import swarm
 from ..samples import sample_clip
 
 
-def _frames(clip: Path) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(clip))
-    out = []
-    while (ok := cap.read())[0]:
-        out.append(ok[1])
-    return out
-
-
 def stage_ms(clip: Path, detect_width_px: int) -> dict:
     """Median milliseconds per frame of each stage, run alone."""
     from ..edge.draw import draw_faces
