@@ -166,6 +166,7 @@ def train(
     seed: int = typer.Option(1234, help="Random seed for the split, initialisation, shuffling and augmentation."),
     run_dir: Optional[Path] = typer.Option(None, help="Checkpoints, logs and exports of this run [default: runs/OUT-STEM]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last finished epoch."),
+    flip_average: bool = typer.Option(False, "--flip-average", help="Export a model that averages its answer on the face and its mirror image (twice the inference time)."),
     model_version: str = typer.Option("1", help="Version string written into the sidecar and announced by workers."),
 ) -> None:
     """Train the expression classifier on DATA_DIR and export a TFLite model plus its JSON sidecar.
@@ -179,7 +180,7 @@ def train(
     opts = TrainOptions(
         data_dir=data_dir, out=out, val_dir=val, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, arch=arch, image_size=image_size, class_weight_power=class_weight_power,
-        seed=seed, run_dir=run_dir, resume=resume, model_version=model_version,
+        seed=seed, run_dir=run_dir, resume=resume, model_version=model_version, flip_average=flip_average,
     )
     if arch not in ("vgg", "tiny"):
         fail(f"unknown --arch {arch!r}: choose 'vgg' or 'tiny'", 2)

@@ -45,3 +45,17 @@ def build(arch: str, size: int, n_classes: int, *, dropout: float = 0.4, l2: flo
     x = L.Dropout(dropout)(x)
     outputs = L.Dense(n_classes, activation="softmax", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"fer_{arch}")
+
+
+def with_flip_average(model: keras.Model) -> keras.Model:
+    """The same network, answering with the mean of its output on the face and on its mirror image.
+
+    Expressions are left-right symmetric, so the two views are two honest
+    looks at one face; averaging them steadies borderline answers. It is
+    baked into the exported graph so every runtime gets it, at twice the
+    inference cost.
+    """
+    inputs = keras.Input(model.input_shape[1:], name="face")
+    mirrored = keras.ops.flip(inputs, axis=2)
+    outputs = L.Average(name="probabilities")([model(inputs), model(mirrored)])
+    return keras.Model(inputs, outputs, name=f"{model.name}_flipavg")

@@ -51,6 +51,7 @@ class TrainOptions:
     seed: int = 1234
     run_dir: Path | None = None
     resume: bool = False
+    flip_average: bool = False
     model_version: str = "1"
     command: str = field(default_factory=lambda: " ".join(["fer-swarm", *sys.argv[1:]]))
 
@@ -261,6 +262,7 @@ def run(opts: TrainOptions, *, verbose: int | None = None) -> dict:
         "training": {
             "command": opts.command,
             "arch": opts.arch,
+            "flip_average": opts.flip_average,
             "params": int(model.count_params()),
             "epochs": opts.epochs,
             "best_epoch": state["best_epoch"],
@@ -270,6 +272,8 @@ def run(opts: TrainOptions, *, verbose: int | None = None) -> dict:
             "tensorflow": tf.__version__,
         },
     }
+    if opts.flip_average:
+        model = arch_mod.with_flip_average(model)
     shipped, candidates = export_mod.export(
         model,
         out=opts.out,
