@@ -452,7 +452,7 @@ def bench(
                       str(m.expired), str(m.busy), str(m.errors), "yes" if m.settled else "NO")
 
     report = suite.run(opts, progress)
-    console.print(table, width=max(console.width, 132))
+    Console(width=max(console.width, 140)).print(table)  # a table of figures is unreadable wrapped at 80
     for t in report.targets:
         verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: ""}[t["met"]]
         console.print(f"{t['target']}: {t['measured']} (goal {t['goal']}) {verdict}")
@@ -461,7 +461,7 @@ def bench(
         from .bench.edgefps import measure
 
         result["edge"] = measure(out_dir / "edge", frames=60 if quick else 150)
-        for name in ("full resolution", "reduced (default 320 px)"):
+        for name in ("full resolution", "reduced (default 480 px)"):
             e = result["edge"][name]
             console.print(f"edge, detection at {name}: {e['edge_fps']} fps whole pipeline; stages (ms/frame) "
                           + ", ".join(f"{k} {v}" for k, v in e["stages_ms"].items()), highlight=False)

@@ -37,7 +37,7 @@ _PATCH = Box(ASTRONAUT_FACE.x - 49, ASTRONAUT_FACE.y - 49, 196, 196)
 # first" ordering is stable and the detector sees several scales.
 _SCALES = (1.0, 0.86, 0.93, 0.8, 0.9, 0.83)
 # Smallest face drawn, as a multiple of what the default detector can see
-# (24 px at 320 px detection width); measured: below about twice that, the
+# (36 px at 480 px detection width); measured: below about twice that, the
 # cascade starts missing the face in some frames.
 _MIN_FACE_FACTOR = 1.9
 
@@ -102,7 +102,7 @@ def sample_clip(
     # The patch takes most of its cell; the rest is room to move in.
     base_px = int(min(cell_w, cell_h) * 0.85)
     smallest_face = base_px * min(_SCALES[i % len(_SCALES)] for i in range(faces)) / 2
-    needed = 24 * max(1.0, width / 320) * _MIN_FACE_FACTOR
+    needed = 36 * max(1.0, width / 480) * _MIN_FACE_FACTOR  # HaarDetector's defaults: 36 px at 480 px wide
     if smallest_face < needed and strict:
         raise FerSwarmError(
             f"a {width}x{height} frame is too small for {faces} detectable faces "

@@ -69,7 +69,7 @@ def measure(out_dir: Path, frames: int = 150) -> dict:
     clip = sample_clip(out_dir / "edge-4faces.mp4", frames=frames, faces=4, fps=30, strict=False)
     result: dict = {"clip": str(clip), "frames": frames, "size": [640, 480], "faces": 4}
     with swarm(1, worker_args=("--echo",)) as (front, _):
-        for name, width in (("full resolution", 0), ("reduced (default 320 px)", 320)):
+        for name, width in (("full resolution", 0), ("reduced (default 480 px)", 480)):
             settings = EdgeSettings(broker=front, video=clip, output=out_dir / f"edge-{width or 'full'}.mp4",
                                     detect_width_px=width, connect_timeout_s=60, stream=f"fps-{width}")
             summary = run_edge(settings)
