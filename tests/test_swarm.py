@@ -256,3 +256,14 @@ def test_worker_answers_malformed_and_wrong_size_jobs_and_lives(ctx):
     finally:
         w.stop()
         router.close(0)
+
+
+def test_broker_imports_neither_opencv_nor_a_model_runtime():
+    import subprocess
+    import sys
+
+    code = ("import sys, fer_swarm.broker, fer_swarm.cli; "
+            "bad = [m for m in ('cv2', 'ai_edge_litert', 'tflite_runtime', 'tensorflow', 'numpy') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
