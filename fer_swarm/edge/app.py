@@ -132,6 +132,7 @@ class _Outputs:
         self.window = window
         self.fps = fps or DEFAULT_FPS
         self.quit = False
+        self._sized = False
         self._writer: cv2.VideoWriter | None = None
         self._events: IO[str] | None = None
         if settings.events is not None:
@@ -153,6 +154,9 @@ class _Outputs:
         if self.settings.output is not None:
             self._write(image)
         if self.window:
+            if not self._sized:  # WINDOW_NORMAL opens small; show frames at their own size until the user resizes
+                cv2.resizeWindow(WINDOW_TITLE, image.shape[1], image.shape[0])
+                self._sized = True
             cv2.imshow(WINDOW_TITLE, image)
             key = cv2.waitKey(1) & 0xFF
             if key in (ord("q"), 27) or cv2.getWindowProperty(WINDOW_TITLE, cv2.WND_PROP_VISIBLE) < 1:

@@ -1,0 +1,67 @@
+"""The edge's window, shown for real on a virtual X display (Xvfb), and captured from the screen."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from fer_swarm.samples import sample_clip
+
+from .swarm import BrokerThread, WorkerThread, wait_for, zmq_context
+
+pytestmark = pytest.mark.skipif(not (shutil.which("Xvfb") and shutil.which("xwd")), reason="needs Xvfb and xwd")
+
+
+def read_xwd(data: bytes) -> np.ndarray:
+    """The screen as an (H, W, 4) array from xwd's dump (32-bit ZPixmap, as Xvfb -screen WxHx24 gives)."""
+    header = np.frombuffer(data[:100], ">u4")
+    header_size, width, height, bytes_per_line, ncolors = header[0], header[4], header[5], header[12], header[19]
+    start = header_size + 12 * ncolors
+    pixels = np.frombuffer(data[start:start + bytes_per_line * height], np.uint8)
+    return pixels.reshape(height, bytes_per_line)[:, : width * 4].reshape(height, width, 4)
+
+
+@pytest.fixture
+def display():
+    num = 90 + os.getpid() % 100
+    xvfb = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{num}"), 10), "Xvfb did not start"
+        yield f":{num}"
+    finally:
+        xvfb.terminate()
+        xvfb.wait(10)
+
+
+def test_edge_shows_labelled_frames_in_a_window(display, tmp_path):
+    clip = sample_clip(tmp_path / "clip.mp4", frames=60, faces=2, fps=15)
+    with zmq_context() as ctx:
+        b = BrokerThread(ctx)
+        w = WorkerThread(ctx, b.backend)
+        try:
+            assert wait_for(lambda: b.scheduler.workers)
+            env = dict(os.environ, DISPLAY=display)
+            edge = subprocess.Popen([sys.executable, "-m", "fer_swarm", "-q", "edge", "--broker", b.frontend, "--video",
+                                     str(clip), "--realtime"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+            time.sleep(2.5)  # mid-clip: the window is up and playing
+            shot = subprocess.run(["xwd", "-root", "-silent", "-display", display], capture_output=True, timeout=20)
+            out, errs = edge.communicate(timeout=60)
+        finally:
+            w.stop()
+            b.stop()
+    assert edge.returncode == 0, errs[-2000:]
+    faces, labelled = map(int, re.search(r"faces\D+(\d+) \((\d+) labelled\)", out).groups())
+    assert faces >= 100 and labelled == faces
+    screen = read_xwd(shot.stdout)
+    # The window shows the 640x480 frame: a large non-black region, and the green label boxes in it.
+    lit = (screen[..., :3].max(axis=2) > 30)
+    assert lit.sum() > 0.4 * 640 * 480
+    green = (screen[..., 1] > 150) & (screen[..., 0] < 120) & (screen[..., 2] < 120)
+    assert green.sum() > 200, "no label box drawn"
