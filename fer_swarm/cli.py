@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, get_args
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import config as config_mod
@@ -40,7 +41,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -126,7 +127,7 @@ def run(argv: list[str] | None = None) -> int:
         code = app(args=argv, prog_name="fer-swarm", standalone_mode=False)
     except Exception as e:  # click's UsageError and friends, without importing click's private copy
         if callable(getattr(e, "format_message", None)) and isinstance(getattr(e, "exit_code", None), int):
-            err.print(f"[bold red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
             return e.exit_code
         raise
     return code if isinstance(code, int) else 0
@@ -164,14 +165,14 @@ def train(
     image_size: int = typer.Option(48, min=16, help="Side of the square gray input, in pixels."),
     class_weight_power: float = typer.Option(0.5, help="Class-imbalance weighting: 0 none, 1 fully balanced."),
     seed: int = typer.Option(1234, help="Random seed for the split, initialisation, shuffling and augmentation."),
-    run_dir: Optional[Path] = typer.Option(None, help="Checkpoints, logs and exports of this run [default: runs/OUT-STEM]."),
+    run_dir: Optional[Path] = typer.Option(None, help="Checkpoints, logs and exports of this run (default: runs/OUT-STEM)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last finished epoch."),
     flip_average: bool = typer.Option(False, "--flip-average", help="Export a model that averages its answer on the face and its mirror image (twice the inference time)."),
     model_version: str = typer.Option("1", help="Version string written into the sidecar and announced by workers."),
 ) -> None:
     """Train the expression classifier on DATA_DIR and export a TFLite model plus its JSON sidecar.
 
-    Needs the optional training dependencies: pip install 'fer-swarm[train]'.
+    Needs the optional training dependencies: pip install 'fer-swarm\\[train]'.
     """
     try:
         from .training.train import TrainOptions, run
@@ -206,7 +207,7 @@ def train(
 @friendly_errors
 def eval_(
     data_dir: Path = typer.Argument(..., help="Labelled images, one subfolder per class, class names as in the model's labels."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) [default: the shipped model]."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) (default: the shipped model)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the confusion matrix as a PNG here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
