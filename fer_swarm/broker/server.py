@@ -21,7 +21,7 @@ import time
 import zmq
 
 from .. import protocol as p
-from .. import security
+from .. import security, transport
 from ..config import BrokerSettings
 from ..errors import ProtocolError, TransportError
 from .scheduler import Reply, Scheduler
@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 256  # messages drained from one socket before looking at the other
 TICK_S = 0.005  # how often deadlines are checked when nothing arrives
-# Plain ints: pyzmq's flags are IntFlag members, and combining those per frame goes through enum code.
-_NOBLOCK, _SNDMORE, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.POLLIN)
 
 
 class Broker:
@@ -123,11 +121,7 @@ class Broker:
             log.info("broker stopped: %s", self.scheduler.counters)
 
     def _drain(self, sock: zmq.Socket, handle) -> None:
-        for _ in range(BATCH):
-            # Asking EVENTS is far cheaper than raising and catching zmq.Again on an empty socket.
-            if not sock.getsockopt(zmq.EVENTS) & _POLLIN:
-                return
-            frames = sock.recv_multipart(_NOBLOCK)
+        for frames in transport.drain(sock, BATCH):
             try:
                 handle(frames, time.monotonic())
             except Exception:  # a bug must cost one message, never the broker
@@ -242,19 +236,12 @@ class Broker:
 
     def _send_frames(self, sock: zmq.Socket, identity: bytes, frames: list[bytes]) -> bool:
         """Send without blocking; False when the peer is gone or not reading (its reply is then lost with it)."""
-        try:
-            # Frame by frame with int flags: send_multipart's per-frame flag arithmetic is enum code.
-            last = len(frames) - 1
-            for i, frame in enumerate(frames):
-                sock.send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK)
+        if transport.send_frames(sock, frames):
             return True
-        except zmq.ZMQError as e:
-            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                raise TransportError(f"send failed: {e.strerror}") from e
-            if sock is self.frontend:
-                log.debug("client %s unreachable (%s); forgetting it", identity.hex(), e.strerror)
-                self.scheduler.drop_client(identity)
-            return False
+        if sock is self.frontend:
+            log.debug("client %s unreachable or not reading; forgetting it", identity.hex())
+            self.scheduler.drop_client(identity)
+        return False
 
     def _say_goodbye(self) -> None:
         for identity in list(self.scheduler.workers):

@@ -66,7 +66,8 @@ class InferencePool:
         try:
             while (task := self.tasks.get()) is not None:
                 reply = self._answer(clf, task)
-                push.send_multipart([task.generation.to_bytes(8, "big"), *p.encode(reply)])
+                # inproc PUSH to our own I/O thread: never full for long, so blocking here is fine.
+                push.send_multipart([task.generation.to_bytes(8, "big"), *p.encode(reply)], copy=True)
         finally:
             push.close()
 

@@ -25,7 +25,7 @@ import uuid
 import zmq
 
 from .. import protocol as p
-from .. import security
+from .. import security, transport
 from ..config import WorkerSettings
 from ..errors import ProtocolError, TransportError
 from ..model import DEFAULT_MODEL, load_card
@@ -95,12 +95,8 @@ class Worker:
         self._send_frames(p.encode(msg))
 
     def _send_frames(self, frames: list[bytes]) -> None:
-        try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            log.warning("broker is not reading; reply dropped")
-        except zmq.ZMQError as e:
-            raise TransportError(f"send to broker failed: {e.strerror}") from e
+        if not transport.send_frames(self._sock, frames):
+            log.warning("broker is not reading; message dropped")
 
     # ----------------------------------------------------------------- loop
 
@@ -148,7 +144,7 @@ class Worker:
             if self._results in events:
                 self._forward_results()
             if self._sock in events:
-                for frames in self._drain():
+                for frames in transport.drain(self._sock, 256):
                     heard = True
                     last_heard = now
                     try:
@@ -168,20 +164,10 @@ class Worker:
                 next_beat = now + interval
         return heard
 
-    def _drain(self, limit: int = 256):
-        for _ in range(limit):
-            try:
-                yield self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-
     def _forward_results(self) -> None:
-        for _ in range(256):
-            try:
-                generation, *frames = self._results.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if int.from_bytes(generation, "big") == self.generation:
+        current = self.generation.to_bytes(8, "big")
+        for generation, *frames in transport.drain(self._results, 256):
+            if generation == current:
                 self._send_frames(frames)
 
     def _echo(self, job: p.Job) -> list[bytes]:
