@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .errors import ModelError
 
 SIDECAR_FORMAT = "fer-swarm-model/1"
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-vgg-int8.tflite"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-vgg.tflite"
 
 
 class Preprocessing(BaseModel):

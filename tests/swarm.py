@@ -184,4 +184,4 @@ def real_faces(n: int) -> list[np.ndarray]:
     return [crops[i % len(crops)] for i in range(n)]
 
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-vgg-int8.tflite"
+MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-vgg.tflite"
