@@ -68,7 +68,7 @@ class WorkerSettings(Settings):
     reconnect_max_s: float = Field(16.0, gt=0, description="Longest reconnect delay (the delay doubles up to this), in seconds.")
     max_message_bytes: int = Field(65536, ge=1024, description="Largest message accepted from the broker (ZMQ_MAXMSGSIZE), in bytes.")
     service_time_ms: float = Field(0.0, ge=0, description="Pad every inference to at least this many ms, to simulate a slower device (benchmarks, tests); 0 for none.")
-    echo: bool = Field(False, description="Answer every job at once without running the model, to measure the broker alone (benchmarks).")
+    echo: bool = Field(False, description="Answer every job without running the model: at once, or after service_time_ms to simulate a device (benchmarks).")
     secret_key: Path | None = Field(None, description="This worker's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
     broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
     insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")

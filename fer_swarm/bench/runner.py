@@ -40,7 +40,7 @@ class Point:
     workers: int = 1
     threads: int = 1
     capacity: int = 0
-    echo: bool = False
+    echo: bool = False  # no model: answered at once, or after service_ms (a simulated device)
     service_ms: float = 0.0
     rtt_ms: float = 0.0
     clients: int = 1

@@ -33,9 +33,10 @@ class Task:
 
 class InferencePool:
     def __init__(self, ctx: zmq.Context, results_endpoint: str, model_path, card: ModelCard, threads: int,
-                 worker_name: str, service_time_ms: float = 0.0):
+                 worker_name: str, service_time_ms: float = 0.0, *, echo: bool = False):
         self.card = card
         self.service_time_s = service_time_ms / 1000
+        self.echo = echo
         self.worker_name = worker_name
         self.tasks: queue.Queue[Task | None] = queue.Queue(maxsize=1024)
         self._ctx = ctx
@@ -71,6 +72,13 @@ class InferencePool:
         finally:
             push.close()
 
+    def echo_result(self, job: p.Job, ms: float) -> p.Result:
+        """The fixed answer of an echo worker (benchmarks): first label, certain."""
+        labels = self.card.labels
+        probs = {label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)}
+        return p.Result(id=job.id, job=job.job, label=labels[0], probabilities=probs, model=self.card.model_id,
+                        worker=self.worker_name, inference_ms=round(ms, 3))
+
     def _answer(self, clf: Classifier, task: Task) -> p.Message:
         job = task.msg
         waited_ms = (time.monotonic() - task.received) * 1000
@@ -80,6 +88,9 @@ class InferencePool:
         if (job.width_px, job.height_px) != want:
             return p.Error(id=job.id, job=job.job,
                            reason=f"crop is {job.width_px}x{job.height_px}, model {self.card.model_id} takes {want[0]}x{want[1]}")
+        if self.echo:  # a simulated device: a fixed service time, no model run on this machine's CPU
+            time.sleep(self.service_time_s)
+            return self.echo_result(job, self.service_time_s * 1000)
         try:
             t0 = time.perf_counter()
             probs = clf.predict(np.frombuffer(job.payload, dtype=np.uint8))

@@ -49,7 +49,7 @@ class Worker:
         self._results.linger = 0
         self._results.bind(self._results_endpoint)
         self.pool = InferencePool(self.ctx, self._results_endpoint, self.model_path, self.card, settings.threads,
-                                  self.name, settings.service_time_ms)
+                                  self.name, settings.service_time_ms, echo=settings.echo)
         self._stop = threading.Event()
         self._sock: zmq.Socket | None = None
         self.generation = 0
@@ -171,11 +171,7 @@ class Worker:
                 self._send_frames(frames)
 
     def _echo(self, job: p.Job) -> list[bytes]:
-        """A fixed RESULT for ``job``, made on the I/O thread: what the broker costs with free inference."""
-        labels = self.card.labels
-        probs = {label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)}
-        return p.encode(p.Result(id=job.id, job=job.job, label=labels[0], probabilities=probs,
-                                 model=self.card.model_id, worker=self.name, inference_ms=0.0))
+        return p.encode(self.pool.echo_result(job, 0.0))
 
     def _on_broker(self, frames: list[bytes], now: float) -> bool:
         """Handle one message from the broker; False when the connection must be dropped."""
@@ -188,8 +184,8 @@ class Worker:
             return True
         if isinstance(msg, p.Job):
             self.jobs += 1
-            if self.settings.echo:
-                self._send_frames(self._echo(msg))
+            if self.settings.echo and not self.settings.service_time_ms:
+                self._send_frames(self._echo(msg))  # free inference: answered here, the broker's cost alone
                 return True
             try:
                 self.pool.tasks.put_nowait(Task(self.generation, msg, now))
