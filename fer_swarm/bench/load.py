@@ -2,8 +2,8 @@
 
 A client is one DEALER socket that sends real JOB messages and measures each
 job's latency from send to terminal reply. Results are kept per time window
-so a caller can tell whether the rate has settled (three windows within 10%)
-before trusting a figure.
+so a caller can tell whether the rate has settled before trusting a figure
+(the benchmark runner's ``settled_at``).
 """
 
 from __future__ import annotations
@@ -50,15 +50,6 @@ class LoadResult:
             "busy": sum(w.busy for w in ws), "errors": sum(w.errors for w in ws),
             "window_throughputs": [round(w.throughput, 1) for w in ws],
         }
-
-
-def stable(throughputs: list[float], tolerance: float = 0.10, n: int = 3) -> bool:
-    """Whether the last ``n`` windows agree within ``tolerance`` of their mean."""
-    if len(throughputs) < n:
-        return False
-    last = throughputs[-n:]
-    mean = sum(last) / n
-    return mean > 0 and all(abs(t - mean) <= tolerance * mean for t in last)
 
 
 class LoadClient:
