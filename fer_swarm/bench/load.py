@@ -70,17 +70,17 @@ class LoadClient:
     def close(self) -> None:
         self.sock.close(0)
 
-    def wait_ready(self, timeout_s: float = 30.0) -> p.Welcome:
-        """HELLO until the broker reports a registered model."""
+    def wait_ready(self, timeout_s: float = 30.0, min_workers: int = 1) -> p.Welcome:
+        """HELLO until the broker reports a model and at least ``min_workers`` registered workers."""
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             self.sock.send_multipart(p.encode(p.Hello(client=self.stream)))
             if self.sock.poll(200):
                 msg = p.decode(self.sock.recv_multipart())
-                if isinstance(msg, p.Welcome) and msg.model is not None:
+                if isinstance(msg, p.Welcome) and msg.model is not None and msg.workers >= min_workers:
                     return msg
             time.sleep(0.1)
-        raise TimeoutError("no worker registered with the broker in time")
+        raise TimeoutError(f"fewer than {min_workers} worker(s) registered with the broker in {timeout_s:g} s")
 
     def _send(self) -> None:
         self._frame += 1

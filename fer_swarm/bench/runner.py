@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import zmq
 
-from .. import protocol as p
 from ..launch import free_port, spawn
 
 log = logging.getLogger(__name__)
@@ -159,23 +158,15 @@ def _client_cmd(mode: str, target: str, point: Point, window_s: float, windows: 
     return cmd
 
 
-def _wait_for_workers(frontend: str, workers: int, timeout_s: float = 60.0) -> None:
+def _wait_for_workers(frontend: str, workers: int) -> None:
+    from .load import LoadClient
+
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(frontend)
+    client = LoadClient(ctx, frontend, stream="bench-ready")
     try:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            sock.send_multipart(p.encode(p.Hello(client="bench")))
-            if sock.poll(300):
-                msg = p.decode(sock.recv_multipart())
-                if isinstance(msg, p.Welcome) and msg.workers >= workers:
-                    return
-            time.sleep(0.1)
-        raise RuntimeError(f"only some of {workers} workers registered within {timeout_s:g} s")
+        client.wait_ready(timeout_s=60.0, min_workers=workers)
     finally:
-        sock.close(0)
+        client.close()
         ctx.term()
 
 
