@@ -66,3 +66,41 @@ def test_demo_command_writes_video_events_and_summary(tmp_path):
 def test_edge_cli_needs_a_source_and_a_display_or_outputs():
     res = run_cli("edge", timeout=60)
     assert res.returncode == 2 and "give a source" in res.stderr
+
+
+def test_real_edge_survives_a_broker_restart(tmp_path):
+    """The edge keeps playing while the broker is down (those faces time out) and is labelled again after."""
+    import threading
+    import time
+
+    from .swarm import free_port
+
+    clip = sample_clip(tmp_path / "long.mp4", frames=120, faces=1, fps=20)
+    events = tmp_path / "events.jsonl"
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    result = {}
+    with zmq_context() as ctx:
+        b = BrokerThread(ctx, front, back)
+        w = WorkerThread(ctx, back, name="steady")
+        try:
+            assert wait_for(lambda: b.scheduler.workers)
+            edge = threading.Thread(target=lambda: result.update(summary=run_edge(
+                EdgeSettings(broker=front, video=clip, events=events, realtime=True, deadline_ms=300), context=ctx)))
+            edge.start()
+            time.sleep(1.5)  # about 30 frames in
+            b.stop()
+            time.sleep(1.0)  # about 20 frames with no broker
+            b = BrokerThread(ctx, front, back)
+            edge.join(30)
+            assert not edge.is_alive()
+        finally:
+            w.stop()
+            b.stop()
+    lines = [json.loads(line) for line in events.read_text().splitlines()]
+    frames = [e["frame"] for e in lines]
+    assert max(frames) >= 110  # played to the end of the clip
+    failed = [e for e in lines if e["error"]]
+    assert failed, "the broker was down for a second: some faces must have failed"
+    last_failure = max(e["frame"] for e in failed)
+    after = [e for e in lines if e["frame"] > last_failure]
+    assert len(after) >= 20 and all(e["label"] for e in after), "labels did not come back after the restart"
