@@ -79,7 +79,7 @@ class CameraSource(_Closing):
     kind = "camera"
 
     def __init__(self, index: int = 0, *, capture: Any = None, realtime: bool = True, clock: Clock = time.monotonic):
-        self._cap = cv2.VideoCapture(index) if capture is None else capture
+        self._cap = _quietly(cv2.VideoCapture, index) if capture is None else capture
         if not self._cap.isOpened():
             self._cap.release()
             raise FerSwarmError(f"cannot open camera {index}: no such camera, or another program is using it")
@@ -162,7 +162,7 @@ class VideoSource(_Closing):
         self.path = Path(path)
         if not self.path.is_file():
             raise FerSwarmError(f"video file not found: {self.path}")
-        self._cap = cv2.VideoCapture(str(self.path))
+        self._cap = _quietly(cv2.VideoCapture, str(self.path))
         if not self._cap.isOpened():
             self._cap.release()
             raise FerSwarmError(f"cannot read video {self.path}: not a video format OpenCV can decode")
@@ -233,6 +233,18 @@ class ImageFolderSource(_Closing):
 
     def close(self) -> None:
         pass
+
+
+def _quietly(fn, *args):
+    """Call an OpenCV function with its native logging off: a missing camera or a broken file makes
+    OpenCV print a screenful from C++, and the one-line error this module raises says what matters."""
+    logging_ = cv2.utils.logging
+    level = logging_.getLogLevel()
+    logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+    try:
+        return fn(*args)
+    finally:
+        logging_.setLogLevel(level)
 
 
 def open_source(
