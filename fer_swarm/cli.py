@@ -63,8 +63,8 @@ def friendly_errors(fn):
     return wrapper
 
 
-def settings_command(program: str, name: str | None = None, extra: tuple[inspect.Parameter, ...] = ()):
-    """Register ``fn(settings, **extra)`` as a command whose flags are the fields of ``program``'s settings.
+def settings_command(program: str, name: str | None = None):
+    """Register ``fn(settings)`` as a command whose flags are the fields of ``program``'s settings.
 
     The pydantic model stays the one description of the settings: each field
     becomes ``--field-name`` with the field's description as its help. Flags
@@ -96,16 +96,12 @@ def settings_command(program: str, name: str | None = None, extra: tuple[inspect
                                          metavar=None if is_bool else metavar),
                 )
             )
-        extra_names = [p.name for p in extra]
-
         @functools.wraps(fn)
         def command(**kwargs):
-            extras = {k: kwargs.pop(k) for k in extra_names}
             config_file = kwargs.pop("config")
-            settings = config_mod.load(program, config_file=config_file, flags=kwargs)
-            return fn(settings, **extras)
+            return fn(config_mod.load(program, config_file=config_file, flags=kwargs))
 
-        command.__signature__ = inspect.Signature([*extra, *params])
+        command.__signature__ = inspect.Signature(params)
         example = next(iter(model.model_fields))
         epilog = (f"Every setting can also come from the environment as {config_mod.env_prefix(program)}SETTING "
                   f"(e.g. {config_mod.env_prefix(program)}{example.upper()}) or from the TOML file given with --config; "
@@ -114,11 +110,6 @@ def settings_command(program: str, name: str | None = None, extra: tuple[inspect
         return fn
 
     return decorator
-
-
-def option(name: str, annotation, default) -> inspect.Parameter:
-    """A command parameter that is not a setting (an action's argument), for ``settings_command(extra=...)``."""
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
 
 
 def run(argv: list[str] | None = None) -> int:

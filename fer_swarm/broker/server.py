@@ -42,6 +42,7 @@ class Broker:
         self.scheduler = Scheduler(settings)
         self._stop = threading.Event()
         self._next_heartbeat = 0.0
+        self._next_check = 0.0
         self._auth = None
         try:
             self.security = security.broker_security(settings)
@@ -129,8 +130,12 @@ class Broker:
 
     def _tick(self, now: float) -> None:
         s = self.scheduler
-        self._to_clients(s.expire(now))
-        self._to_clients(s.reap_silent_workers(now))
+        # Deadlines and liveness once per tick, not once per drained batch: expire() scans every queue
+        # and every worker's jobs, and under load the loop turns thousands of times a second.
+        if now >= self._next_check:
+            self._next_check = now + TICK_S
+            self._to_clients(s.expire(now))
+            self._to_clients(s.reap_silent_workers(now))
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_interval_s
             for identity in list(s.workers):

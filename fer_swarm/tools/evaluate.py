@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from .. import datasets, metrics
-from ..model import Classifier
+from ..model import Classifier, runtime_name
 
 
 @dataclass
@@ -40,8 +40,6 @@ class Evaluation:
 
 def evaluate(data_dir: Path, model_path: Path) -> Evaluation:
     """Predict every readable image of ``data_dir`` one at a time and time each call."""
-    from ..model import runtime_name
-
     clf = Classifier(model_path, threads=1)
     data = datasets.load_gray(datasets.scan(data_dir), clf.crop_size, classes=clf.labels)
     clf.predict(data.images[0])  # the first call pays for lazy kernel set-up; keep it out of the timings

@@ -170,9 +170,6 @@ class Worker:
             if generation == current:
                 self._send_frames(frames)
 
-    def _echo(self, job: p.Job) -> list[bytes]:
-        return p.encode(self.pool.echo_result(job, 0.0))
-
     def _on_broker(self, frames: list[bytes], now: float) -> bool:
         """Handle one message from the broker; False when the connection must be dropped."""
         try:
@@ -185,7 +182,8 @@ class Worker:
         if isinstance(msg, p.Job):
             self.jobs += 1
             if self.settings.echo and not self.settings.service_time_ms:
-                self._send_frames(self._echo(msg))  # free inference: answered here, the broker's cost alone
+                # Free inference: answered here, so the figure is the broker's cost alone.
+                self._send_frames(p.encode(self.pool.echo_result(msg, 0.0)))
                 return True
             try:
                 self.pool.tasks.put_nowait(Task(self.generation, msg, now))
