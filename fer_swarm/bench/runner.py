@@ -194,7 +194,7 @@ def run_point(point: Point, *, window_s: float, max_windows: int) -> Measured:
             process("broker", "--frontend", f"tcp://127.0.0.1:{front}", "--backend", f"tcp://127.0.0.1:{back}",
                     "--max-queue", "20000", "--max-queue-per-client", "10000")
             worker_back = relayed(back)
-            args = ["--threads", str(point.threads), "--capacity", str(point.capacity or point.threads)]
+            args = ["--threads", str(point.threads), "--capacity", str(point.capacity)]  # 0: the worker's default
             if point.echo:
                 args.append("--echo")
             if point.service_ms:

@@ -43,7 +43,7 @@ class Worker:
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self.model_path = settings.model or DEFAULT_MODEL
         self.card = load_card(self.model_path)
-        self.capacity = settings.capacity or settings.threads
+        self.capacity = settings.capacity or 2 * settings.threads
         self._results_endpoint = f"inproc://worker-results-{uuid.uuid4().hex}"
         self._results = self.ctx.socket(zmq.PULL)
         self._results.linger = 0
