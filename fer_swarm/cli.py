@@ -419,6 +419,8 @@ def bench(
     service_ms: float = typer.Option(15.0, min=0.0, help="Simulated Raspberry Pi service time per face (config e), ms."),
     rtt_ms: float = typer.Option(5.0, min=0.0, help="Round-trip delay added on every link in config e, ms."),
     sim_workers: str = typer.Option("1,2,4,8", help="Simulated Pi worker counts for config e."),
+    faces_per_job: int = typer.Option(4, min=1, max=16,
+                                      help="Crops per JOB in config c, as the edge sends a frame's faces together."),
 ) -> None:
     """Measure fer-swarm against in-process inference and the prototype's design, side by side in one run,
     on real processes over loopback: throughput, latency p50/p90/p99, EXPIRED/BUSY/ERROR counts."""
@@ -427,10 +429,10 @@ def bench(
     from .bench import suite
 
     if quick:
-        opts = dataclasses.replace(suite.BenchOptions.smoke(out_dir), configs=configs)
+        opts = dataclasses.replace(suite.BenchOptions.smoke(out_dir), configs=configs, faces_per_job=faces_per_job)
     else:
         opts = suite.BenchOptions(out_dir=out_dir, window_s=window_s, max_windows=max_windows, service_ms=service_ms,
-                                  rtt_ms=rtt_ms, configs=configs,
+                                  rtt_ms=rtt_ms, configs=configs, faces_per_job=faces_per_job,
                                   sim_workers=tuple(int(w) for w in sim_workers.split(",") if w.strip()))
     table = Table(title="fer-swarm bench (this machine, one run)")
     for col in ("configuration", "faces/s", "p50 ms", "p90 ms", "p99 ms", "expired", "busy", "errors", "settled"):

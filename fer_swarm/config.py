@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -82,7 +82,8 @@ class EdgeSettings(Settings):
     output: Path | None = Field(None, description="Write the annotated video here (headless).")
     events: Path | None = Field(None, description="Write one JSON line per face here (headless).")
     show: bool | None = Field(None, description="Show a window; default: only when no --output/--events is given.")
-    stream: str = Field("", max_length=64, description="Stream name in correlation ids; empty for SOURCE-PID.")
+    stream: str = Field("", max_length=64,
+                        description="Stream name in correlation ids, printable ASCII; empty for SOURCE-PID.")
     deadline_ms: int = Field(250, ge=1, le=600_000, description="Deadline of each face job, in milliseconds.")
     display_delay_ms: int = Field(150, ge=0, description="How long a frame waits for its labels before it is shown with what has arrived, in ms.")
     max_pending_frames: int = Field(8, ge=1, description="Frames held waiting for labels; the oldest is shown early beyond this.")
@@ -97,6 +98,13 @@ class EdgeSettings(Settings):
     secret_key: Path | None = Field(None, description="This edge client's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
     broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
     insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")
+
+    @field_validator("stream")
+    @classmethod
+    def _stream_is_printable_ascii(cls, stream: str) -> str:
+        if not all(" " <= ch <= "~" for ch in stream):
+            raise ValueError("must be printable ASCII (the protocol's correlation ids carry it)")
+        return stream
 
     @model_validator(mode="after")
     def _one_source(self):

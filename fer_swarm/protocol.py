@@ -7,11 +7,11 @@ the layout as this code packs it.
 Frame layout (after the routing identity a ROUTER socket adds on receive and
 strips on send; DEALER peers send no empty delimiter frame)::
 
-    frame 0   b"fer-swarm/1"        protocol tag and version, ASCII
+    frame 0   b"fer-swarm/2"        protocol tag and version, ASCII
     frame 1   b"JOB"                command, an ASCII upper-case word
-    frame 2   b'{"id":{...},...}'   header: one UTF-8 JSON object, <= 8192 bytes
-    frame 3   b"\\x00\\x17..."         payload: JOB only, exactly one frame of
-                                    width_px*height_px gray8 bytes, row-major
+    frame 2   b'{"ids":[...],...}'  header: one UTF-8 JSON object, <= 8192 bytes
+    frame 3.. b"\\x00\\x17..."         payloads: JOB only, one frame per crop (1..16, as many
+                                    as ``ids``), each width_px*height_px gray8 bytes, row-major
 
 A ROUTER socket sees ``[identity, frame 0, frame 1, frame 2, ...]``; use
 ``decode_routed``/``encode_routed`` there and ``decode``/``encode`` on DEALER
@@ -22,13 +22,17 @@ Commands (header fields in the model of the same name below)::
     HELLO       client -> broker            asks for the pool's model
     WELCOME     broker -> client            model, worker count, limits
     READY       worker -> broker            registration: name, capacity, model
-    JOB         client -> broker -> worker  one face crop (+ 1 payload frame)
-    RESULT      worker -> broker -> client  label and probabilities for one job
+    JOB         client -> broker -> worker  1..16 face crops (+ 1 payload frame each)
+    RESULT      worker -> broker -> client  label and probabilities for each crop of one job
     HEARTBEAT   any -> any                  liveness, header {}
     DISCONNECT  any -> any                  the sender is leaving / drop the peer
     EXPIRED     broker -> client            deadline passed before a result
     BUSY        broker -> client            queue full, job not accepted
     ERROR       broker|worker -> client     job malformed or failed, with reason
+
+One JOB carries the crops of one frame (or any crops of the same size) so that
+each hop pays its per-message cost once per frame, not once per face; every
+JOB gets exactly one terminal reply, which names all of the JOB's crops.
 
 Headers are decoded with pydantic in strict mode: a JSON string is not an
 integer, an array is accepted where a tuple is declared. Unknown header fields
@@ -47,13 +51,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ProtocolError
 
 __all__ = [
-    "MAX_HEADER_BYTES", "PROTOCOL_TAG", "Command", "CorrelationId", "ModelInfo", "Message",
-    "Hello", "Welcome", "Ready", "Job", "Result", "Heartbeat", "Disconnect", "Expired", "Busy", "Error",
+    "MAX_CROPS", "MAX_HEADER_BYTES", "PROTOCOL_TAG", "Command", "CorrelationId", "ModelInfo", "Message",
+    "Hello", "Welcome", "Ready", "Job", "FaceResult", "Result", "Heartbeat", "Disconnect", "Expired", "Busy", "Error",
     "encode", "decode", "encode_routed", "decode_routed", "error_reply",
 ]
 
-PROTOCOL_TAG = b"fer-swarm/1"
+PROTOCOL_TAG = b"fer-swarm/2"
 MAX_HEADER_BYTES = 8192
+MAX_CROPS = 16  # crops in one JOB; a RESULT for 16 faces of a 7-class model stays well under the header limit
 MAX_REASON_CHARS = 500
 _TAG_PREFIX = b"fer-swarm/"
 
@@ -84,7 +89,10 @@ class CorrelationId(_Frozen):
     that come back in any order can be matched to the face they answer.
     """
 
-    stream: str = Field(min_length=1, max_length=64, description="client-chosen stream name")
+    # Printable ASCII, so 64 characters are at most 128 bytes of JSON and a RESULT for MAX_CROPS
+    # faces always fits the header limit: every JOB that decodes can be answered.
+    stream: str = Field(min_length=1, max_length=64, pattern=r"^[ -~]+$",
+                        description="client-chosen stream name, printable ASCII")
     frame: int = Field(ge=0, description="frame number within the stream")
     face: int = Field(ge=0, description="face index within the frame")
 
@@ -139,55 +147,83 @@ class Ready(_Frozen):
 
     command: ClassVar[Command] = Command.READY
     worker: str = Field(min_length=1, max_length=64, description="worker name, unique in the pool")
-    capacity: int = Field(ge=1, le=1024, description="jobs the worker can hold at once")
+    capacity: int = Field(ge=1, le=1024, description="JOBs the worker can hold at once")
     model: ModelInfo
+
+
+def _unique_ids(ids: tuple[CorrelationId, ...]) -> tuple[CorrelationId, ...]:
+    if len({i.key() for i in ids}) != len(ids):
+        raise ValueError("ids must be unique within one message")
+    return ids
 
 
 class _JobHeader(_Frozen):
     """JOB's header fields: what frame 2 of a JOB is validated against."""
 
-    id: CorrelationId
+    ids: tuple[CorrelationId, ...] = Field(min_length=1, max_length=MAX_CROPS,
+                                           description="one id per crop, in payload order")
     deadline_ms: int = Field(ge=1, le=600_000, description="ms the receiver has, counted from receipt")
-    width_px: int = Field(ge=1, le=4096)
-    height_px: int = Field(ge=1, le=4096)
+    width_px: int = Field(ge=1, le=4096, description="width of every crop in the JOB")
+    height_px: int = Field(ge=1, le=4096, description="height of every crop in the JOB")
     encoding: Literal["gray8"] = "gray8"
     job: int | None = Field(None, ge=0, description="broker's job number; set by the broker, not clients")
 
+    _ids_unique = field_validator("ids")(_unique_ids)
+
 
 class Job(_JobHeader):
-    """One face crop to classify: client -> broker -> worker. The payload travels in its own frame."""
+    """Face crops to classify, all of one size: client -> broker -> worker.
+
+    ``payloads[i]`` is the crop ``ids[i]`` names; each travels in its own frame, never in the header.
+    """
 
     command: ClassVar[Command] = Command.JOB
-    payload: bytes = Field(repr=False, description="row-major 8-bit gray pixels; never in the header")
+    payloads: tuple[bytes, ...] = Field(repr=False, description="row-major 8-bit gray pixels, one per id")
 
     @model_validator(mode="after")
-    def _payload_matches_size(self) -> Job:
-        reason = _payload_mismatch(self.width_px, self.height_px, len(self.payload))
+    def _payloads_match(self) -> Job:
+        reason = _payloads_mismatch(self.width_px, self.height_px, len(self.ids), [len(b) for b in self.payloads])
         if reason:
             raise ValueError(reason)
         return self
 
 
-class Result(_Frozen):
-    """Worker -> broker -> client: the classification of one job."""
+class FaceResult(_Frozen):
+    """The classification of one crop, inside a RESULT."""
 
-    command: ClassVar[Command] = Command.RESULT
     id: CorrelationId
-    job: int | None = Field(None, ge=0)
     label: str = Field(min_length=1, max_length=64, description="the most probable class")
     probabilities: dict[str, float] = Field(min_length=2, max_length=256, description="every class, 0..1")
-    model: str = Field(min_length=3, max_length=129, description='"name:version" of the model used')
-    worker: str = Field(min_length=1, max_length=64)
-    inference_ms: float = Field(ge=0)
+    inference_ms: float = Field(ge=0, description="time the model took for this crop")
 
     @model_validator(mode="after")
-    def _label_is_a_class(self) -> Result:
+    def _label_is_a_class(self) -> FaceResult:
         if self.label not in self.probabilities:
             raise ValueError(f"label {self.label!r} is not a key of probabilities")
         for name, p in self.probabilities.items():
             if not 0.0 <= p <= 1.0:  # also rejects NaN
                 raise ValueError(f"probability of {name!r} is {p}, not in 0..1")
         return self
+
+
+class Result(_Frozen):
+    """Worker -> broker -> client: the classification of every crop of one JOB."""
+
+    command: ClassVar[Command] = Command.RESULT
+    job: int | None = Field(None, ge=0)
+    model: str = Field(min_length=3, max_length=129, description='"name:version" of the model used')
+    worker: str = Field(min_length=1, max_length=64)
+    faces: tuple[FaceResult, ...] = Field(min_length=1, max_length=MAX_CROPS, description="one per crop of the JOB")
+
+    @field_validator("faces")
+    @classmethod
+    def _faces_unique(cls, faces: tuple[FaceResult, ...]) -> tuple[FaceResult, ...]:
+        _unique_ids(tuple(f.id for f in faces))
+        return faces
+
+    @property
+    def ids(self) -> tuple[CorrelationId, ...]:
+        return tuple(f.id for f in self.faces)
 
 
 class Heartbeat(_Frozen):
@@ -204,9 +240,12 @@ class Disconnect(_Frozen):
 
 
 class _JobFailure(_Frozen):
-    id: CorrelationId | None = Field(description="the job's id; null when it could not be read")
+    ids: tuple[CorrelationId, ...] = Field(max_length=MAX_CROPS,
+                                           description="the JOB's ids; empty when they could not be read")
     job: int | None = Field(None, ge=0)
     reason: str = Field(max_length=MAX_REASON_CHARS)
+
+    _ids_unique = field_validator("ids")(_unique_ids)
 
 
 class Expired(_JobFailure):
@@ -241,23 +280,26 @@ _WIRE = {cls: word for word, cls in _CLASSES.items()}
 _HEADERS: dict[bytes, type[_Frozen]] = {**_CLASSES, b"JOB": _JobHeader}
 
 
-def _payload_mismatch(width_px: int, height_px: int, actual: int) -> str:
+def _payloads_mismatch(width_px: int, height_px: int, crops: int, sizes: list[int]) -> str:
+    if len(sizes) != crops:
+        return f"JOB has {len(sizes)} payload frame(s) for {crops} id(s); expected one per id"
     expected = width_px * height_px
-    if actual == expected:
-        return ""
-    return (
-        f"JOB payload is {actual} bytes; expected width_px*height_px = "
-        f"{width_px}*{height_px} = {expected} bytes of gray8"
-    )
+    for i, actual in enumerate(sizes):
+        if actual != expected:
+            return (
+                f"JOB payload {i} is {actual} bytes; expected width_px*height_px = "
+                f"{width_px}*{height_px} = {expected} bytes of gray8"
+            )
+    return ""
 
 
-def _fail(reason: str, *, command: Command | None = None, id: CorrelationId | None = None,
+def _fail(reason: str, *, command: Command | None = None, ids: tuple[CorrelationId, ...] = (),
           job: int | None = None) -> ProtocolError:
     """A ProtocolError carrying the attributes ``decode`` documents (set on the instance:
     errors.py keeps the exception hierarchy free of wire details)."""
     err = ProtocolError(reason)
     err.command = command  # type: ignore[attr-defined]
-    err.id = id  # type: ignore[attr-defined]
+    err.ids = ids  # type: ignore[attr-defined]
     err.job = job  # type: ignore[attr-defined]
     err.identity = None  # type: ignore[attr-defined]
     return err
@@ -288,8 +330,8 @@ def encode(msg: Message) -> list[bytes]:
     """
     cls = type(msg)
     if cls is Job:
-        header = msg.model_dump_json(exclude={"payload"}).encode()
-        tail = [msg.payload]
+        header = msg.model_dump_json(exclude={"payloads"}).encode()
+        tail = list(msg.payloads)
     elif cls in _VALUES:
         header = msg.model_dump_json().encode()
         tail = []
@@ -314,11 +356,11 @@ def decode(frames: Sequence[Any], *, max_payload_bytes: int = 1 << 20) -> Messag
     Frames may be bytes, bytearray, memoryview or zmq.Frame. Anything that does
     not follow the layout in this module's docstring raises ProtocolError whose
     message is a human-readable reason. Every ProtocolError raised here carries
-    these attributes (None when unknown), so the receiver can answer the sender:
+    these attributes, so the receiver can answer the sender:
 
     - ``command``: the Command, once frame 1 was read;
-    - ``id``: the CorrelationId, if the header's ``id`` could be read even though
-      another part of the message was wrong (best effort);
+    - ``ids``: the header's ``ids`` (a tuple, empty when unknown), if they could
+      be read even though another part of the message was wrong (best effort);
     - ``job``: the header's ``job`` number, likewise;
     - ``identity``: always None here; set by ``decode_routed``.
     """
@@ -340,8 +382,8 @@ def decode(frames: Sequence[Any], *, max_payload_bytes: int = 1 << 20) -> Messag
         return _decode_body(cls, header_cls, header, frames, max_payload_bytes)
     except ProtocolError as err:
         err.command = cls.command  # type: ignore[attr-defined]
-        if err.id is None:  # type: ignore[attr-defined]
-            err.id, err.job = _salvage(header)  # type: ignore[attr-defined]
+        if not err.ids:  # type: ignore[attr-defined]
+            err.ids, err.job = _salvage(header)  # type: ignore[attr-defined]
         raise
 
 
@@ -353,11 +395,12 @@ def _decode_body(
     if len(header) > MAX_HEADER_BYTES:
         raise _fail(f"{name} header is {len(header)} bytes; limit is {MAX_HEADER_BYTES}")
     if cls is Job:
-        if payloads != 1:
-            raise _fail(f"JOB takes exactly 1 payload frame, got {payloads}")
-        payload = _as_bytes(frames[3])
-        if len(payload) > max_payload_bytes:
-            raise _fail(f"JOB payload is {len(payload)} bytes; limit is {max_payload_bytes}")
+        if not 1 <= payloads <= MAX_CROPS:
+            raise _fail(f"JOB takes 1 to {MAX_CROPS} payload frames (one per crop), got {payloads}")
+        crops = [_as_bytes(f) for f in frames[3:]]
+        for i, crop in enumerate(crops):
+            if len(crop) > max_payload_bytes:
+                raise _fail(f"JOB payload {i} is {len(crop)} bytes; limit is {max_payload_bytes}")
     elif payloads:
         raise _fail(f"{name} takes no payload frames, got {payloads}")
     try:
@@ -366,10 +409,12 @@ def _decode_body(
         raise _fail(_header_problem(name, header, e)) from None
     if cls is not Job:
         return parsed  # type: ignore[return-value]
-    reason = _payload_mismatch(parsed.width_px, parsed.height_px, len(payload))  # type: ignore[attr-defined]
+    reason = _payloads_mismatch(parsed.width_px, parsed.height_px,  # type: ignore[attr-defined]
+                                len(parsed.ids), [len(c) for c in crops])  # type: ignore[attr-defined]
     if reason:
-        raise _fail(reason, id=parsed.id, job=parsed.job)  # type: ignore[attr-defined]
-    return Job.model_validate({**parsed.__dict__, "payload": payload})
+        raise _fail(reason, ids=parsed.ids, job=parsed.job)  # type: ignore[attr-defined]
+    # Validated above, field by field: build without validating the header a second time.
+    return Job.model_construct(**parsed.__dict__, payloads=tuple(crops))
 
 
 def _tag_problem(tag: bytes) -> str:
@@ -410,24 +455,27 @@ def _header_problem(name: str, header: bytes, e: ValidationError) -> str:
 _JSON_KIND = {"list": "array", "str": "string", "int": "number", "float": "number", "bool": "boolean"}
 
 
-def _salvage(header: bytes) -> tuple[CorrelationId | None, int | None]:
-    """Best effort: the ``id`` and ``job`` of a header that failed for another reason."""
+def _salvage(header: bytes) -> tuple[tuple[CorrelationId, ...], int | None]:
+    """Best effort: the ``ids`` and ``job`` of a header that failed for another reason."""
     if len(header) > MAX_HEADER_BYTES:
-        return None, None
+        return (), None
     try:
         data = json.loads(header)
     except ValueError:
-        return None, None
+        return (), None
     if not isinstance(data, dict):
-        return None, None
+        return (), None
+    ids = data.get("ids")
     try:
-        id = CorrelationId.model_validate(data.get("id"), strict=True)
-    except ValidationError:
-        id = None
+        ids = _unique_ids(tuple(CorrelationId.model_validate(i, strict=True) for i in ids[:MAX_CROPS + 1]))
+        if len(ids) > MAX_CROPS:
+            ids = ()
+    except (TypeError, ValueError):  # not a list, an invalid id, or repeated ids
+        ids = ()
     job = data.get("job")
     if type(job) is not int or job < 0:
         job = None
-    return id, job
+    return ids, job
 
 
 def decode_routed(frames: Sequence[Any], **kw: Any) -> tuple[bytes, Message]:
@@ -452,7 +500,7 @@ def decode_routed(frames: Sequence[Any], **kw: Any) -> tuple[bytes, Message]:
 def error_reply(
     cls: type[Expired] | type[Busy] | type[Error],
     reason: str,
-    id: CorrelationId | None = None,
+    ids: tuple[CorrelationId, ...] = (),
     job: int | None = None,
 ) -> Expired | Busy | Error:
     """A terminal error reply; ``reason`` is cut to the 500 characters the header allows."""
@@ -460,4 +508,4 @@ def error_reply(
         raise TypeError(f"{cls.__name__} is not a terminal error reply")
     if len(reason) > MAX_REASON_CHARS:
         reason = reason[: MAX_REASON_CHARS - 3] + "..."
-    return cls(id=id, job=job, reason=reason)
+    return cls(ids=ids, job=job, reason=reason)

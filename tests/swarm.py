@@ -120,11 +120,17 @@ class Client:
         self.sock.send_multipart(frames)
 
     def job(self, frame: int, face: int = 0, crop: np.ndarray | None = None, deadline_ms: int = 5000) -> p.CorrelationId:
+        """A JOB of one crop; its id."""
         crop = np.zeros((48, 48), np.uint8) if crop is None else crop
-        cid = p.CorrelationId(stream=self.stream, frame=frame, face=face)
-        self.send(p.Job(id=cid, deadline_ms=deadline_ms, width_px=crop.shape[1], height_px=crop.shape[0],
-                        payload=crop.tobytes()))
-        return cid
+        return self.frame_job(frame, [crop], deadline_ms, first_face=face)[0]
+
+    def frame_job(self, frame: int, crops: list[np.ndarray], deadline_ms: int = 5000,
+                  first_face: int = 0) -> tuple[p.CorrelationId, ...]:
+        """One JOB carrying ``crops`` as faces of ``frame``, as the edge sends them; their ids."""
+        ids = tuple(p.CorrelationId(stream=self.stream, frame=frame, face=first_face + i) for i in range(len(crops)))
+        self.send(p.Job(ids=ids, deadline_ms=deadline_ms, width_px=crops[0].shape[1], height_px=crops[0].shape[0],
+                        payloads=tuple(c.tobytes() for c in crops)))
+        return ids
 
     def recv(self, timeout_s: float = 5.0) -> p.Message | None:
         if self.sock.poll(timeout_s * 1000):

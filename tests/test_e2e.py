@@ -26,7 +26,8 @@ def test_edge_end_to_end_labels_every_face_with_its_own_crop(clip, tmp_path):
     out = tmp_path / "annotated.mp4"
     with zmq_context() as ctx:
         b = BrokerThread(ctx)
-        workers = [WorkerThread(ctx, b.backend, name=f"pi-{i}", service_time_ms=5 * i) for i in range(2)]
+        # Slow enough that frames overlap: each worker then holds some of them.
+        workers = [WorkerThread(ctx, b.backend, name=f"pi-{i}", service_time_ms=20 + 10 * i) for i in range(2)]
         try:
             assert wait_for(lambda: len(b.scheduler.workers) == 2)
             summary = run_edge(EdgeSettings(broker=b.frontend, video=clip, output=out, events=events,

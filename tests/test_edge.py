@@ -1,9 +1,11 @@
 """The edge client: real OpenCV on a real sample clip, real ZeroMQ sockets on 127.0.0.1.
 
 The broker side is a small ROUTER in a thread that speaks the real protocol:
-it answers HELLO with WELCOME and JOBs in reverse order of arrival, with a
-label and worker name derived from each job's correlation id, so a reply
-matched to the wrong face is visible. The only fake is a camera.
+it answers HELLO with WELCOME and each JOB with one reply, jobs in reverse
+order of arrival and the faces of a RESULT in reverse order of the JOB's ids,
+with a label derived from each face's correlation id and a worker name from
+the job's ids, so a reply matched to the wrong face is visible. The only fake
+is a camera (and, in one test, a detector that finds more faces than fit in a JOB).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -27,9 +30,10 @@ from fer_swarm.edge.draw import draw_faces, label_text
 from fer_swarm.edge.pipeline import TIMEOUT, UNSENT, FaceOutcome, FramePipeline
 from fer_swarm.edge.sources import CameraSource, ImageFolderSource, VideoSource, open_source
 from fer_swarm.errors import FerSwarmError, TransportError
-from fer_swarm.faces import Box
+from fer_swarm.faces import Box, crop_face, to_gray
 from fer_swarm.protocol import (
-    Busy, CorrelationId, Error, Expired, Heartbeat, Job, ModelInfo, Result, Welcome, decode_routed, encode_routed,
+    MAX_CROPS, Busy, CorrelationId, Error, Expired, FaceResult, Heartbeat, Job, ModelInfo, Result, Welcome,
+    decode_routed, encode_routed,
 )
 from fer_swarm.samples import read_clip, sample_clip
 
@@ -42,31 +46,43 @@ def label_for(id: CorrelationId) -> str:
     return LABELS[(2 * id.frame + id.face) % len(LABELS)]  # faces 0 and 1 of a frame always differ
 
 
-def worker_for(id: CorrelationId) -> str:
-    return f"w{id.frame}-{id.face}"
+def worker_for(ids: Sequence[CorrelationId]) -> str:
+    """The worker named in the RESULT for a job of ``ids``: one per job, so it tells jobs apart."""
+    return f"w{ids[0].frame}-{ids[0].face}x{len(ids)}"
 
 
-def result_for(id: CorrelationId) -> Result:
+def face_result(id: CorrelationId) -> FaceResult:
     top = label_for(id)
     second = LABELS[(LABELS.index(top) + 1) % len(LABELS)]
     probs = {name: 0.025 for name in LABELS} | {top: 0.6, second: 0.325}
-    return Result(id=id, label=top, probabilities=probs, model=MODEL.ref, worker=worker_for(id), inference_ms=1.0)
+    return FaceResult(id=id, label=top, probabilities=probs, inference_ms=1.0)
+
+
+def result_for(ids: Sequence[CorrelationId]) -> Result:
+    """One RESULT for all of ``ids``, its faces listed last first: matching must go by id, not position."""
+    return Result(model=MODEL.ref, worker=worker_for(ids), faces=tuple(face_result(i) for i in reversed(ids)))
+
+
+# A job the router holds for a batch (``gather``) is answered anyway after this much longer.
+STRAGGLER_S = 0.3
 
 
 class Router(threading.Thread):
     """A stand-in broker frontend: real ROUTER socket, real protocol, bounded life.
 
-    ``answer(job)`` makes each job's reply (default: the RESULT ``result_for`` gives);
-    ``hold_s`` keeps jobs that long before answering; jobs that arrived together
-    are answered last first.
+    ``answer(job)`` makes each job's one reply (default: the RESULT ``result_for`` gives);
+    ``hold_s`` keeps jobs that long before answering; jobs answered together are
+    answered last first. ``gather`` holds due jobs until that many are due (or the
+    first has waited STRAGGLER_S more), so jobs sent apart still come back reversed.
     """
 
     def __init__(self, ctx: zmq.Context, *, model: ModelInfo | None = MODEL, answer=None, hold_s: float = 0.0,
-                 max_life_s: float = 60.0):
+                 gather: int = 1, max_life_s: float = 60.0):
         super().__init__(name="test-router", daemon=True)
-        self.ctx, self.model, self.hold_s, self.max_life_s = ctx, model, hold_s, max_life_s
-        self.answer = answer or (lambda job: result_for(job.id))
+        self.ctx, self.model, self.hold_s, self.gather, self.max_life_s = ctx, model, hold_s, gather, max_life_s
+        self.answer = answer or (lambda job: result_for(job.ids))
         self.jobs: list[Job] = []
+        self.job_frames: list[int] = []  # frames of each JOB as it came off the wire, routing identity not counted
         self.answered_order: list[tuple] = []
         self.reversed_batches = 0
         self.hellos = 0
@@ -97,11 +113,13 @@ class Router(threading.Thread):
                 due = [h for h in held if now - h[0] >= self.hold_s]
                 if not due:
                     continue
+                if len(due) < self.gather and now - due[0][0] < self.hold_s + STRAGGLER_S:
+                    continue
                 held[:] = [h for h in held if now - h[0] < self.hold_s]
                 if len(due) > 1:
                     self.reversed_batches += 1
                 for _, identity, job in reversed(due):
-                    self.answered_order.append(job.id.key())
+                    self.answered_order.append(tuple(i.key() for i in job.ids))
                     sock.send_multipart(encode_routed(identity, self.answer(job)))
         except BaseException as e:  # surfaced by the fixture, not lost in the thread
             self.error = e
@@ -121,6 +139,7 @@ class Router(threading.Thread):
             sock.send_multipart(encode_routed(identity, Heartbeat()))
         elif isinstance(msg, Job):
             self.jobs.append(msg)
+            self.job_frames.append(len(frames) - 1)
             held.append((time.monotonic(), identity, msg))
 
 
@@ -172,47 +191,77 @@ IMAGE = np.zeros((120, 200, 3), np.uint8)
 
 def test_replies_in_any_order_reach_their_own_face():
     p = FramePipeline("s", display_delay_ms=150, max_pending_frames=8)
-    ids = [i for n in range(3) for i in p.add_frame(n, n / 15, IMAGE, boxes(3), now=0.0)]
-    for i in ids:
-        p.sent(i, now=0.001)
-    replies = [result_for(i) for i in ids]
+    frames = [p.add_frame(n, n / 15, IMAGE, boxes(3), now=0.0) for n in range(3)]
+    for ids in frames:
+        p.sent(ids, now=0.001)
+    # Replies of any size, in any order, their faces in any order: faces 0+2 of each frame, then face 1.
+    replies = [result_for([ids[0], ids[2]]) for ids in frames] + [result_for([ids[1]]) for ids in frames]
     random.Random(4).shuffle(replies)
-    assert all(p.on_reply(r, now=0.021) for r in reversed(replies))
+    assert [p.on_reply(r, now=0.021) for r in replies] == [len(r.faces) for r in replies]
     shown = p.ready(now=0.022)  # all answered: no need to wait for the display delay
     assert [s.index for s in shown] == [0, 1, 2] and len(p) == 0
     for s in shown:
         for k, face in enumerate(s.faces):
             assert face.id == cid(s.index, k)
             assert face.box == boxes(3)[k]
-            assert (face.label, face.worker, face.error) == (label_for(face.id), worker_for(face.id), None)
+            job = [cid(s.index, 1)] if k == 1 else [cid(s.index, 0), cid(s.index, 2)]
+            assert (face.label, face.worker, face.error) == (label_for(face.id), worker_for(job), None)
             assert face.probabilities[face.label] == 0.6
             assert face.latency_ms == pytest.approx(20.0)
     assert p.late_replies == 0
 
 
+def test_a_result_answering_two_faces_of_a_frame_labels_both():
+    p = FramePipeline("s", display_delay_ms=150)
+    a, b = p.add_frame(3, 0.2, IMAGE, boxes(2), now=5.0)
+    p.sent([a, b], now=5.0)
+    reply = result_for([a, b])
+    assert [f.id for f in reply.faces] == [b, a]  # listed the other way round
+    assert p.on_reply(reply, now=5.04) == 2
+    (shown,) = p.ready(now=5.04)  # complete: shown before the display delay
+    assert [(f.id, f.label, f.worker, f.error) for f in shown.faces] == [
+        (a, label_for(a), worker_for([a, b]), None), (b, label_for(b), worker_for([a, b]), None)]
+    assert label_for(a) != label_for(b)
+    assert [f.latency_ms for f in shown.faces] == pytest.approx([40.0, 40.0])
+    assert p.late_replies == 0
+
+
+def test_a_reply_mixing_a_waiting_and_an_answered_face_counts_one_late_reply():
+    p = FramePipeline("s", display_delay_ms=150)
+    a, b = p.add_frame(0, 0.0, IMAGE, boxes(2), now=0.0)
+    p.sent([a, b], now=0.0)
+    assert p.on_reply(Busy(ids=(a,), reason="queue full"), now=0.01) == 1
+    assert p.on_reply(result_for([a, b]), now=0.02) == 1  # b is answered; a already had its reply
+    assert p.late_replies == 1
+    (shown,) = p.ready(now=0.02)
+    assert [(f.error, f.label) for f in shown.faces] == [("BUSY", None), (None, label_for(b))]
+    assert shown.faces[0].reason == "queue full"  # the first reply stands
+
+
 def test_a_frame_waits_for_its_delay_then_shows_what_arrived_and_late_replies_are_dropped():
     p = FramePipeline("s", display_delay_ms=150, max_pending_frames=8)
     a, b = p.add_frame(0, 0.0, IMAGE, boxes(2), now=10.0)
-    p.sent(a, 10.0)
-    p.sent(b, 10.0)
-    assert p.on_reply(result_for(b), now=10.05)
+    p.sent([a, b], 10.0)
+    assert p.on_reply(result_for([b]), now=10.05) == 1
     assert p.ready(now=10.1) == [] and p.seconds_until_due(10.1) == pytest.approx(0.05)
     (shown,) = p.ready(now=10.15)
     assert shown.faces[0].error == TIMEOUT and shown.faces[0].label is None and shown.faces[0].latency_ms is None
     assert shown.faces[1].label == label_for(b)
-    assert not p.on_reply(result_for(a), now=10.2)  # its frame is gone: late, dropped
-    assert not p.on_reply(result_for(cid(99, 0)), now=10.2)  # never sent
-    assert not p.on_reply(result_for(cid(0, 0, stream="other")), now=10.2)
+    assert p.on_reply(result_for([a]), now=10.2) == 0  # its frame is gone: late, dropped
+    assert p.on_reply(result_for([cid(99, 0)]), now=10.2) == 0  # never sent
+    assert p.on_reply(result_for([cid(0, 0, stream="other")]), now=10.2) == 0
     assert p.late_replies == 3 and p.seconds_until_due(10.2) is None
+    assert p.on_reply(Expired(ids=(a, b), reason="deadline"), now=10.3) == 0  # each face of a reply counts
+    assert p.late_replies == 5
 
 
 def test_frames_are_shown_in_capture_order():
     p = FramePipeline("s", display_delay_ms=100, max_pending_frames=8)
     (a,) = p.add_frame(0, 0.0, IMAGE, boxes(1), now=0.0)
     (b,) = p.add_frame(1, 0.1, IMAGE, boxes(1), now=0.05)
-    p.on_reply(result_for(b), now=0.06)  # the newer frame is complete first ...
+    assert p.on_reply(result_for([b]), now=0.06) == 1  # the newer frame is complete first ...
     assert p.ready(now=0.07) == []  # ... but does not overtake the older one
-    p.on_reply(result_for(a), now=0.08)
+    assert p.on_reply(result_for([a]), now=0.08) == 1
     assert [s.index for s in p.ready(now=0.08)] == [0, 1]
     with pytest.raises(ValueError):
         p.add_frame(1, 0.2, IMAGE, [], now=0.1)
@@ -220,28 +269,30 @@ def test_frames_are_shown_in_capture_order():
 
 def test_error_replies_are_recorded_with_kind_reason_and_latency():
     p = FramePipeline("s", display_delay_ms=150)
-    ids = p.add_frame(0, 0.0, IMAGE, boxes(4), now=0.0)
-    for i in ids[:3]:
-        p.sent(i, 0.0)
-    assert p.on_reply(Busy(id=ids[0], reason="queue full (200 jobs)"), now=0.002)
-    assert p.on_reply(Expired(id=ids[1], reason="deadline passed in queue"), now=0.25)
-    assert p.on_reply(Error(id=ids[2], reason="payload is 3 bytes"), now=0.01)
-    assert not p.on_reply(Error(id=ids[2], reason="again"), now=0.01)  # a face gets one reply
-    p.failed(ids[3], UNSENT, "socket full")
+    ids = p.add_frame(0, 0.0, IMAGE, boxes(6), now=0.0)
+    p.sent(ids[:4], 0.0)
+    assert p.on_reply(Busy(ids=(ids[0],), reason="queue full (200 jobs)"), now=0.002) == 1
+    assert p.on_reply(Expired(ids=(ids[1], ids[3]), reason="deadline passed in queue"), now=0.25) == 2
+    assert p.on_reply(Error(ids=(ids[2],), reason="payload is 3 bytes"), now=0.01) == 1
+    assert p.on_reply(Error(ids=(ids[2],), reason="again"), now=0.01) == 0  # a face gets one reply
+    assert p.late_replies == 1
+    p.failed(ids[4:], UNSENT, "socket full")
     (shown,) = p.ready(now=0.3)
     kinds = [(f.error, f.reason) for f in shown.faces]
     assert kinds == [("BUSY", "queue full (200 jobs)"), ("EXPIRED", "deadline passed in queue"),
-                     ("ERROR", "payload is 3 bytes"), (UNSENT, "socket full")]
-    assert shown.faces[1].latency_ms == pytest.approx(250.0)
-    assert shown.faces[3].latency_ms is None
+                     ("ERROR", "payload is 3 bytes"), ("EXPIRED", "deadline passed in queue"),
+                     (UNSENT, "socket full"), (UNSENT, "socket full")]
+    assert [f.latency_ms for f in shown.faces] == pytest.approx([2.0, 250.0, 10.0, 250.0, None, None])
+    assert all(f.label is None and f.probabilities is None for f in shown.faces)
 
 
-def test_a_reply_without_id_is_logged_and_dropped(caplog):
+def test_a_reply_without_ids_is_logged_and_dropped(caplog):
     p = FramePipeline("s")
     p.add_frame(0, 0.0, IMAGE, boxes(1), now=0.0)
     with caplog.at_level(logging.WARNING, logger="fer_swarm.edge.pipeline"):
-        assert not p.on_reply(Error(id=None, reason="unreadable header"), now=0.01)
-    assert "unreadable header" in caplog.text and p.late_replies == 1
+        assert p.on_reply(Error(ids=(), reason="unreadable header"), now=0.01) == 0
+    assert "unreadable header" in caplog.text and p.late_replies == 1  # counted once, not per face
+    assert len(p) == 1 and p.ready(now=0.01) == []  # the waiting face is still waiting
 
 
 def test_pending_frames_are_bounded_oldest_shown_first():
@@ -266,15 +317,15 @@ def test_frames_without_faces_are_shown_at_once():
 def test_event_records_follow_the_schema():
     p = FramePipeline("s", display_delay_ms=150)
     a, b = p.add_frame(7, 0.4667, IMAGE, boxes(2), now=0.0)
-    p.sent(a, 0.0)
-    p.on_reply(result_for(a), now=0.0123)
+    p.sent([a], 0.0)
+    p.on_reply(result_for([a]), now=0.0123)
     (shown,) = p.ready(now=1.0)
     good, bad = (json.loads(json.dumps(e)) for e in shown.events())
     keys = {"frame", "time_s", "box", "label", "probabilities", "latency_ms", "worker", "error"}
     assert set(good) == keys and set(bad) == keys
     assert good["frame"] == 7 and good["time_s"] == 0.4667 and good["box"] == [10, 10, 50, 50]
     assert good["label"] == label_for(a) and good["probabilities"][label_for(a)] == 0.6
-    assert good["latency_ms"] == pytest.approx(12.3) and good["worker"] == worker_for(a) and good["error"] is None
+    assert good["latency_ms"] == pytest.approx(12.3) and good["worker"] == worker_for([a]) and good["error"] is None
     assert bad["box"] == [70, 10, 50, 50]
     assert (bad["label"], bad["probabilities"], bad["latency_ms"], bad["worker"], bad["error"]) == (
         None, None, None, None, TIMEOUT)
@@ -500,22 +551,27 @@ def test_open_source_picks_the_given_one(clip, tmp_path):
 
 
 def test_client_connects_and_matches_replies_sent_back_in_reverse(ctx, make_router, caplog):
-    router = make_router()
+    router = make_router(gather=3)
     with caplog.at_level(logging.WARNING), SwarmClient(ctx, router.endpoint, connect_timeout_s=5) as client:
         welcome = client.connect()
         assert welcome.model == MODEL
         assert "malformed" in caplog.text  # the junk frame before WELCOME was dropped, not fatal
-        crop = np.arange(48 * 40, dtype=np.uint32).astype(np.uint8).reshape(48, 40)
-        ids = [cid(5, k, stream="cam-1") for k in range(4)]
-        assert all(client.send_job(i, crop, deadline_ms=250) for i in ids)
+        jobs = [[cid(frame, k, stream="cam-1") for k in range(n)] for frame, n in ((5, 2), (6, 1), (7, 3))]
+        crops = [[np.full((48, 40), 10 * frame + k, np.uint8) for k in range(len(ids))]
+                 for frame, ids in zip((5, 6, 7), jobs)]
+        crops[0][0] = np.arange(48 * 40, dtype=np.uint32).astype(np.uint8).reshape(48, 40)  # row-major, not column
+        assert all(client.send_job(ids, cs, deadline_ms=250) for ids, cs in zip(jobs, crops))
         replies = []
         deadline = time.monotonic() + 5
-        while len(replies) < 4 and time.monotonic() < deadline:
+        while len(replies) < 3 and time.monotonic() < deadline:
             replies += client.poll_replies(50)
-    assert [r.id for r in replies] == ids[::-1]
-    assert all(r.label == label_for(r.id) for r in replies)
-    assert router.reversed_batches >= 1
-    assert [j.payload for j in router.jobs] == [crop.tobytes()] * 4
+    assert [r.command.value for r in replies] == ["RESULT"] * 3
+    assert [set(r.ids) for r in replies] == [set(ids) for ids in jobs[::-1]]  # one reply per job, last job first
+    assert all(r.worker == worker_for(ids) for r, ids in zip(replies, jobs[::-1]))
+    assert all(f.label == label_for(f.id) for r in replies for f in r.faces)
+    assert router.reversed_batches == 1
+    assert [list(j.ids) for j in router.jobs] == jobs
+    assert [list(j.payloads) for j in router.jobs] == [[c.tobytes() for c in cs] for cs in crops]
     assert {(j.width_px, j.height_px, j.deadline_ms) for j in router.jobs} == {(40, 48, 250)}
 
 
@@ -538,7 +594,7 @@ def test_client_says_when_no_broker_answers(ctx):
 def test_send_never_blocks_and_reports_a_full_socket(ctx):
     with SwarmClient(ctx, "tcp://127.0.0.1:9", hwm=2) as client:
         crop = np.zeros((48, 40), np.uint8)
-        results = [client.send_job(cid(0, k), crop, 100) for k in range(20)]
+        results = [client.send_job([cid(k, 0), cid(k, 1)], [crop, crop], 100) for k in range(20)]
     assert results[0] and not results[-1]
 
 
@@ -560,8 +616,16 @@ def read_events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def by_frame(events: list[dict]) -> dict[int, list[dict]]:
+    """Events grouped by frame, in the order they were written (face order within a frame)."""
+    out: dict[int, list[dict]] = {}
+    for e in events:
+        out.setdefault(e["frame"], []).append(e)
+    return out
+
+
 def test_run_edge_headless_labels_every_face_with_its_own_reply(ctx, make_router, clip, tmp_path):
-    router = make_router()
+    router = make_router(gather=2)  # two frames' jobs at a time, answered last first
     settings = edge_settings(tmp_path, router.endpoint, video=clip)
     summary = run_edge(settings, context=ctx)
 
@@ -570,21 +634,19 @@ def test_run_edge_headless_labels_every_face_with_its_own_reply(ctx, make_router
     assert summary.answered == summary.faces and summary.errors == {}
     assert summary.latency_p50_ms is not None and 0 < summary.latency_p50_ms <= summary.latency_p95_ms < 1500
     assert sum(summary.labels.values()) == summary.faces and summary.to_dict()["frames"] == 16
-    face_in_frame: dict[int, int] = {}
-    for e in events:
-        k = face_in_frame[e["frame"]] = face_in_frame.get(e["frame"], -1) + 1
-        id = cid(e["frame"], k, stream="test")
-        assert (e["label"], e["worker"], e["error"]) == (label_for(id), worker_for(id), None), e
-        assert e["time_s"] == pytest.approx(e["frame"] / 15, abs=1e-3)
-    assert sorted(face_in_frame) == sorted(set(face_in_frame))
+    assert [e["frame"] for e in events] == sorted(e["frame"] for e in events)  # shown in capture order
+    frames = by_frame(events)
+    for frame, faces in frames.items():
+        ids = [cid(frame, k, stream="test") for k in range(len(faces))]
+        for id, e in zip(ids, faces):
+            assert (e["label"], e["worker"], e["error"]) == (label_for(id), worker_for(ids), None), e
+            assert e["time_s"] == pytest.approx(frame / 15, abs=1e-3)
     # Each face's box is where the detector put it: face 0 is the larger one.
-    by_frame = {}
-    for e in events:
-        by_frame.setdefault(e["frame"], []).append(e["box"])
-    assert all(b[0][2] >= b[1][2] for b in by_frame.values() if len(b) == 2)
-    assert router.reversed_batches >= 1 and len(router.jobs) == summary.faces
+    assert all(f[0]["box"][2] >= f[1]["box"][2] for f in frames.values() if len(f) == 2)
+    assert router.reversed_batches >= 1 and len(router.jobs) == len(frames)  # one JOB per frame with faces
+    assert sum(len(j.ids) for j in router.jobs) == summary.faces
     assert {(j.width_px, j.height_px) for j in router.jobs} == {(40, 48)}  # the size WELCOME announced
-    assert all(len(j.payload) == 40 * 48 and np.frombuffer(j.payload, np.uint8).std() > 20 for j in router.jobs)
+    assert all(len(c) == 40 * 48 and np.frombuffer(c, np.uint8).std() > 20 for j in router.jobs for c in j.payloads)
 
     annotated, original = read_clip(settings.output), read_clip(clip)
     assert len(annotated) == 16 and annotated[0].shape == (480, 640, 3)
@@ -592,30 +654,90 @@ def test_run_edge_headless_labels_every_face_with_its_own_reply(ctx, make_router
     assert np.abs(annotated[0].astype(int) - original[0])[y:y + h, x].mean() > 40  # the box is drawn
 
 
+def test_run_edge_sends_a_frames_faces_in_one_job(ctx, make_router, clip, tmp_path):
+    router = make_router()
+    settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=6, output=None)
+    summary = run_edge(settings, context=ctx)
+    frames = by_frame(read_events(settings.events))
+    assert summary.frames == 6 and summary.answered == summary.faces
+    assert any(len(faces) >= 2 for faces in frames.values())  # else this test would prove nothing
+    assert [j.ids[0].frame for j in router.jobs] == sorted(frames)  # one JOB per frame with faces, in order
+    gray = [to_gray(image) for image in read_clip(clip)]
+    for job, wire_frames, (frame, faces) in zip(router.jobs, router.job_frames, sorted(frames.items())):
+        assert wire_frames == 3 + len(faces)  # tag, command, header, then one payload frame per face
+        assert list(job.ids) == [cid(frame, k, stream="test") for k in range(len(faces))]  # face order
+        assert list(job.payloads) == [
+            crop_face(gray[frame], Box(*e["box"]), (40, 48), margin=settings.crop_margin).tobytes() for e in faces]
+
+
+class GridDetector:
+    """Finds ``n`` faces in a grid: more than one JOB holds (the clip's real faces are two)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def detect(self, gray: np.ndarray) -> list[Box]:
+        return [Box(10 + 60 * (i % 10), 10 + 60 * (i // 10), 50, 50) for i in range(self.n)]
+
+
+def test_run_edge_splits_a_frame_with_more_faces_than_a_job_holds(ctx, make_router, clip, tmp_path):
+    n = MAX_CROPS + 4
+    router = make_router()
+    settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=2, max_faces=n, output=None)
+    summary = run_edge(settings, context=ctx, detector=GridDetector(n))
+    assert summary.frames == 2 and summary.faces == summary.answered == 2 * n
+    parts = [[cid(f, k, stream="test") for k in range(start, min(start + MAX_CROPS, n))]
+             for f in range(2) for start in range(0, n, MAX_CROPS)]
+    assert [list(j.ids) for j in router.jobs] == parts and [len(p) for p in parts] == [16, 4, 16, 4]
+    workers = {id: worker_for(part) for part in parts for id in part}
+    grid = [b.as_list() for b in GridDetector(n).detect(np.zeros((480, 640), np.uint8))]
+    for frame, faces in by_frame(read_events(settings.events)).items():
+        assert [e["box"] for e in faces] == grid
+        for k, e in enumerate(faces):
+            id = cid(frame, k, stream="test")
+            assert (e["label"], e["worker"], e["error"]) == (label_for(id), workers[id], None), e
+
+
 def test_run_edge_shows_late_frames_with_what_arrived(ctx, make_router, clip, tmp_path):
     router = make_router(hold_s=0.4)  # slower than the display delay
     settings = edge_settings(tmp_path, router.endpoint, video=clip, display_delay_ms=50, max_frames=4, output=None)
     summary = run_edge(settings, context=ctx)
     events = read_events(settings.events)
-    assert summary.frames == 4 and summary.answered == 0
+    assert summary.frames == 4 and summary.answered == 0 and summary.faces > 0
     assert summary.errors == {TIMEOUT: summary.faces} and summary.latency_p50_ms is None
     assert {e["error"] for e in events} == {TIMEOUT}
     assert all(e["label"] is None and e["probabilities"] is None for e in events)
 
 
+FAILURES = {1: (Busy, "queue full"), 2: (Expired, "deadline passed in queue"), 3: (Error, "inference failed")}
+
+
 def test_run_edge_counts_errors_by_kind(ctx, make_router, clip, tmp_path):
     def answer(job: Job):
-        if job.id.face == 1:
-            return Busy(id=job.id, reason="queue full")
-        return result_for(job.id)
+        failure = FAILURES.get(job.ids[0].frame % 4)
+        if failure is None:
+            return result_for(job.ids)
+        kind, reason = failure
+        return kind(ids=job.ids, reason=reason)  # one terminal reply naming all the job's faces
 
     router = make_router(answer=answer)
-    settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=5, max_faces=2, output=None)
+    settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=6, max_faces=2, output=None)
     summary = run_edge(settings, context=ctx)
     events = read_events(settings.events)
-    assert summary.frames == 5 and summary.errors == {"BUSY": summary.faces - summary.answered}
-    assert summary.errors["BUSY"] >= 4
-    assert [e["error"] for e in events if e["error"]] == ["BUSY: queue full"] * summary.errors["BUSY"]
+    expected: dict[str, int] = {}
+    for frame, faces in by_frame(events).items():
+        failure = FAILURES.get(frame % 4)
+        for k, e in enumerate(faces):
+            if failure is None:
+                assert (e["error"], e["label"]) == (None, label_for(cid(frame, k, stream="test"))), e
+                continue
+            kind, reason = failure
+            assert (e["error"], e["label"], e["latency_ms"] is not None) == (
+                f"{kind.command.value}: {reason}", None, True), e
+            expected[kind.command.value] = expected.get(kind.command.value, 0) + 1
+    assert summary.frames == 6 and summary.errors == expected
+    assert set(expected) == {"BUSY", "EXPIRED", "ERROR"} and summary.answered == summary.faces - sum(expected.values())
+    assert summary.answered >= 2
 
 
 def test_run_edge_max_faces_limits_jobs(ctx, make_router, clip, tmp_path):
@@ -623,7 +745,8 @@ def test_run_edge_max_faces_limits_jobs(ctx, make_router, clip, tmp_path):
     settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=3, max_faces=1, output=None)
     summary = run_edge(settings, context=ctx)
     assert summary.faces == len(router.jobs) == 3
-    assert {j.id.face for j in router.jobs} == {0}
+    assert [[i.face for i in j.ids] for j in router.jobs] == [[0]] * 3
+    assert router.job_frames == [4] * 3  # one payload frame each
 
 
 def test_run_edge_stops_a_camera_when_asked(ctx, make_router, astronaut_bgr, tmp_path):

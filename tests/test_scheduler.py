@@ -9,9 +9,9 @@ from fer_swarm.config import BrokerSettings
 MODEL = p.ModelInfo(name="m", version="1", input_shape=(1, 48, 48, 1), labels=("a", "b"), width_px=48, height_px=48)
 
 
-def job(stream: str, frame: int, deadline_ms: int = 1000) -> p.Job:
-    return p.Job(id=p.CorrelationId(stream=stream, frame=frame, face=0), deadline_ms=deadline_ms,
-                 width_px=48, height_px=48, payload=bytes(48 * 48))
+def job(stream: str, frame: int, deadline_ms: int = 1000, faces: int = 1) -> p.Job:
+    return p.Job(ids=tuple(p.CorrelationId(stream=stream, frame=frame, face=i) for i in range(faces)),
+                 deadline_ms=deadline_ms, width_px=48, height_px=48, payloads=(bytes(48 * 48),) * faces)
 
 
 def ready(name: str, capacity: int, model: p.ModelInfo = MODEL) -> p.Ready:
@@ -55,7 +55,7 @@ def test_flooding_client_cannot_starve_another(sched):
     order = []
     for _ in range(6):
         (wid, sent), = sched.dispatch(0.0)[0]
-        order.append(sent.id.stream)
+        order.append(sent.ids[0].stream)
         sched.complete(wid, sent.job)
     assert order == ["flood", "polite"] * 3
 
@@ -73,7 +73,7 @@ def test_queued_and_inflight_jobs_expire_once(sched):
     sched.submit(b"c", job("c", 2, deadline_ms=100), 0.0)
     (_, sent), = sched.dispatch(0.0)[0]
     replies = sched.expire(0.2)
-    assert sorted(r.id.frame for _, r in replies) == [1, 2]
+    assert sorted(r.ids[0].frame for _, r in replies) == [1, 2]
     assert all(isinstance(r, p.Expired) for _, r in replies)
     assert sched.expire(0.3) == []
     # The worker's late answer frees its credit but is not forwarded: the client already has its one reply.
@@ -113,12 +113,12 @@ def test_lost_worker_jobs_are_redispatched_once_then_error(sched):
     sched.dispatch(0.0)
     replies = sched.remove_worker(b"w1", 0.005, "test")
     # frame 2 has 5 ms left (< redispatch_min_ms): ERROR now; frame 1 is queued again.
-    assert [(r.id.frame, type(r)) for _, r in replies] == [(2, p.Error)]
+    assert [(r.ids[0].frame, type(r)) for _, r in replies] == [(2, p.Error)]
     sched.register(b"w2", ready("w2", 2), 0.0)
     (_, again), = sched.dispatch(0.01)[0]
-    assert again.id.frame == 1
+    assert again.ids[0].frame == 1
     replies = sched.remove_worker(b"w2", 0.02, "test")
-    assert [(r.id.frame, type(r)) for _, r in replies] == [(1, p.Error)]
+    assert [(r.ids[0].frame, type(r)) for _, r in replies] == [(1, p.Error)]
 
 
 def test_worker_with_another_model_is_refused(sched):
@@ -138,3 +138,19 @@ def test_dropped_client_leaves_no_turn_behind(sched):
     sched.submit(b"c", job("c", 1), 0.0)
     sched.drop_client(b"c")
     assert sched.queued == 0 and sched.dispatch(0.0) == ([], [])
+
+
+def test_credits_count_jobs_and_every_reply_names_all_of_a_jobs_faces(sched):
+    sched.register(b"w", ready("w", 2), 0.0)
+    for frame in range(3):
+        assert sched.submit(b"c", job("c", frame, deadline_ms=100, faces=4), 0.0) is None
+    sends, _ = sched.dispatch(0.0)
+    # Two frames of four faces each: credits are messages, so a 1-thread worker still holds the next frame.
+    assert [len(j.ids) for _, j in sends] == [4, 4] and len(sched.workers[b"w"].inflight) == 2
+    replies = sched.expire(0.2)  # one queued frame and two at the worker, all past their deadline
+    assert sorted((r.ids[0].frame, len(r.ids)) for _, r in replies) == [(0, 4), (1, 4), (2, 4)]
+    assert all(isinstance(r, p.Expired) for _, r in replies)
+    big = Scheduler(BrokerSettings(max_queue=1, max_queue_per_client=1))
+    big.submit(b"c", job("c", 0, faces=3), 0.0)
+    _, busy = big.submit(b"c", job("c", 1, faces=3), 0.0)
+    assert isinstance(busy, p.Busy) and [i.face for i in busy.ids] == [0, 1, 2]

@@ -48,7 +48,7 @@ def test_allowed_keys_connect_and_get_results(keys):
             c.welcome()
             cid = c.job(1)
             r = c.recv(5)
-            assert isinstance(r, p.Result) and r.id == cid
+            assert isinstance(r, p.Result) and r.ids == (cid,)
             assert b.broker.security is not None
         finally:
             c.close()

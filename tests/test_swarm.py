@@ -29,11 +29,15 @@ def broker(ctx):
 
 
 def one_reply_each(replies: list[p.Message], sent: list[p.CorrelationId]) -> dict:
-    """Assert the invariant: exactly one terminal reply per job sent; return them by id."""
-    ids = Counter(r.id for r in replies)
+    """Assert the invariant: exactly one terminal reply for each face sent; return the replies by face id."""
+    ids = Counter(i for r in replies for i in r.ids)
     assert set(ids) == set(sent), f"missing {set(sent) - set(ids)}, unexpected {set(ids) - set(sent)}"
     assert all(n == 1 for n in ids.values()), [i for i, n in ids.items() if n > 1]
-    return {r.id: r for r in replies}
+    return {i: r for r in replies for i in r.ids}
+
+
+def face(result: p.Result, id: p.CorrelationId) -> p.FaceResult:
+    return next(f for f in result.faces if f.id == id)
 
 
 class ScriptedWorker:
@@ -58,9 +62,9 @@ class ScriptedWorker:
         return out
 
     def answer(self, job: p.Job) -> None:
-        self.sock.send_multipart(p.encode(p.Result(
-            id=job.id, job=job.job, label="happy", probabilities={"happy": 0.9, "sad": 0.1}, model="m:1", worker="scripted",
-            inference_ms=0.1)))
+        faces = tuple(p.FaceResult(id=i, label="happy", probabilities={"happy": 0.9, "sad": 0.1}, inference_ms=0.1)
+                      for i in job.ids)
+        self.sock.send_multipart(p.encode(p.Result(job=job.job, model="m:1", worker="scripted", faces=faces)))
 
 
 def test_results_carry_label_probabilities_model_worker_and_time(ctx, broker):
@@ -71,16 +75,23 @@ def test_results_carry_label_probabilities_model_worker_and_time(ctx, broker):
         assert welcome.workers == 1 and welcome.model.width_px == 48
         clf = Classifier(MODEL)
         crops = real_faces(12)
-        sent = [c.job(i, crop=crop) for i, crop in enumerate(crops)]
-        by_id = one_reply_each(c.collect(len(sent)), sent)
+        # Frames of 1, 4 and 7 faces: a JOB's crops are split across the worker's two threads and gathered again.
+        sent: list[p.CorrelationId] = []
+        for frame, (start, stop) in enumerate([(0, 1), (1, 5), (5, 12)]):
+            sent += c.frame_job(frame, crops[start:stop])
+        replies = c.collect(3)
+        by_id = one_reply_each(replies, sent)
+        assert sorted(len(r.faces) for r in replies) == [1, 4, 7]
         for i, cid in enumerate(sent):
             r = by_id[cid]
             assert isinstance(r, p.Result), r
+            f = face(r, cid)
             expected = clf.predict(crops[i])
-            assert r.label == clf.labels[int(np.argmax(expected))]
-            assert set(r.probabilities) == set(clf.labels)
-            assert abs(sum(r.probabilities.values()) - 1) < 0.02
-            assert r.worker == "pi-1" and r.model == clf.card.model_id and r.inference_ms > 0
+            assert f.label == clf.labels[int(np.argmax(expected))]
+            assert f.probabilities[f.label] == pytest.approx(float(expected.max()), abs=1e-4)
+            assert set(f.probabilities) == set(clf.labels)
+            assert abs(sum(f.probabilities.values()) - 1) < 0.02
+            assert r.worker == "pi-1" and r.model == clf.card.model_id and f.inference_ms > 0
     finally:
         c.close()
         w.stop()
@@ -115,10 +126,10 @@ def test_slow_and_fast_worker_replies_are_matched(ctx, broker):
         sent = [c.job(frame=i // 4, face=i % 4, crop=crop) for i, crop in enumerate(crops)]
         replies = c.collect(len(sent))
         by_id = one_reply_each(replies, sent)
-        assert [r.id for r in replies] != sent, "the slow worker should have reordered the replies"
+        assert [r.ids[0] for r in replies] != sent, "the slow worker should have reordered the replies"
         assert {r.worker for r in replies} == {"slow", "fast"}
         for cid, crop in zip(sent, crops):
-            assert by_id[cid].label == clf.labels[int(np.argmax(clf.predict(crop)))]
+            assert face(by_id[cid], cid).label == clf.labels[int(np.argmax(clf.predict(crop)))]
     finally:
         c.close()
         slow.stop()
@@ -151,14 +162,14 @@ def test_deadline_expiry_queued_and_in_flight(ctx, broker):
         queued = c.job(1, deadline_ms=100)  # no worker yet: expires in the queue
         t0 = time.monotonic()
         r = c.recv(2)
-        assert isinstance(r, p.Expired) and r.id == queued and "queued" in r.reason
+        assert isinstance(r, p.Expired) and r.ids == (queued,) and "queued" in r.reason
         assert 0.08 < time.monotonic() - t0 < 0.5
         w = ScriptedWorker(ctx, broker.backend, capacity=1)
         assert wait_for(lambda: broker.scheduler.workers)
         held = c.job(2, deadline_ms=150)
         (job,) = w.jobs(0.3)
         r = c.recv(2)
-        assert isinstance(r, p.Expired) and r.id == held and "worker" in r.reason
+        assert isinstance(r, p.Expired) and r.ids == (held,) and "worker" in r.reason
         w.answer(job)  # too late: must not reach the client as a second reply
         assert c.recv(0.3) is None
         w.sock.close(0)
@@ -206,22 +217,22 @@ def test_malformed_client_messages_get_errors_and_broker_lives(ctx, broker):
     c = Client(ctx, broker.frontend)
     try:
         c.welcome()
-        c.send_raw([b"fer-swarm/1", b"JOB", b"{not json"])
-        c.send_raw([b"fer-swarm/2", b"JOB", b"{}"])
+        c.send_raw([p.PROTOCOL_TAG, b"JOB", b"{not json"])
+        c.send_raw([b"fer-swarm/1", b"JOB", b"{}"])
         c.send_raw([b"\xff\xfe", b"\x00"])
-        bad_size = p.encode(p.Job(id=p.CorrelationId(stream="s", frame=9, face=0), deadline_ms=500, width_px=2,
-                                  height_px=2, payload=b"1234"))
+        ids = (p.CorrelationId(stream="s", frame=9, face=0), p.CorrelationId(stream="s", frame=9, face=1))
+        bad_size = p.encode(p.Job(ids=ids, deadline_ms=500, width_px=2, height_px=2, payloads=(b"1234", b"5678")))
         bad_size[-1] = b"123"
         c.send_raw(bad_size)
-        c.send(p.Result(id=p.CorrelationId(stream="s", frame=1, face=0), label="a", probabilities={"a": 1.0, "b": 0.0},
-                        model="m:1", worker="w", inference_ms=1.0))
+        c.send(p.Result(model="m:1", worker="w", faces=(p.FaceResult(
+            id=ids[0], label="a", probabilities={"a": 1.0, "b": 0.0}, inference_ms=1.0),)))
         errors = c.collect(5, timeout_s=3)
         assert len(errors) == 5 and all(isinstance(e, p.Error) for e in errors)
-        assert any(e.id == p.CorrelationId(stream="s", frame=9, face=0) for e in errors)
+        assert any(e.ids == ids and "payload 1" in e.reason for e in errors)
         assert any("version" in e.reason for e in errors)
         cid = c.job(1)
         (r,) = c.collect(1)
-        assert isinstance(r, p.Result) and r.id == cid
+        assert isinstance(r, p.Result) and r.ids == (cid,)
     finally:
         c.close()
         w.stop()
@@ -246,13 +257,16 @@ def test_worker_answers_malformed_and_wrong_size_jobs_and_lives(ctx):
             raise AssertionError("no reply from worker")
 
         cid = p.CorrelationId(stream="s", frame=1, face=0)
-        r = roundtrip([b"fer-swarm/1", b"JOB", b'{"id": {"stream": "s", "frame": 1, "face": 0}, "deadline_ms": "soon"}', b"x"])
-        assert isinstance(r, p.Error) and r.id == cid
+        r = roundtrip([p.PROTOCOL_TAG, b"JOB", b'{"ids": [{"stream": "s", "frame": 1, "face": 0}], "deadline_ms": "soon"}', b"x"])
+        assert isinstance(r, p.Error) and r.ids == (cid,)
         small = np.zeros((32, 32), np.uint8)
-        r = roundtrip(p.encode(p.Job(id=cid, job=5, deadline_ms=1000, width_px=32, height_px=32, payload=small.tobytes())))
-        assert isinstance(r, p.Error) and "32x32" in r.reason and r.job == 5
-        r = roundtrip(p.encode(p.Job(id=cid, job=6, deadline_ms=1000, width_px=48, height_px=48, payload=bytes(2304))))
-        assert isinstance(r, p.Result) and r.job == 6
+        r = roundtrip(p.encode(p.Job(ids=(cid,), job=5, deadline_ms=1000, width_px=32, height_px=32,
+                                     payloads=(small.tobytes(),))))
+        assert isinstance(r, p.Error) and "32x32" in r.reason and r.job == 5 and r.ids == (cid,)
+        two = (cid, p.CorrelationId(stream="s", frame=1, face=1))
+        r = roundtrip(p.encode(p.Job(ids=two, job=6, deadline_ms=1000, width_px=48, height_px=48,
+                                     payloads=(bytes(2304), bytes(2304)))))
+        assert isinstance(r, p.Result) and r.job == 6 and r.ids == two
     finally:
         w.stop()
         router.close(0)

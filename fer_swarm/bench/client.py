@@ -48,7 +48,8 @@ def run_swarm(args) -> None:
     from .load import LoadClient
 
     ctx = zmq.Context()
-    client = LoadClient(ctx, args.target, stream=args.stream, crop=crop_of(args.crop_px), deadline_ms=args.deadline_ms)
+    client = LoadClient(ctx, args.target, stream=args.stream, crop=crop_of(args.crop_px), deadline_ms=args.deadline_ms,
+                        faces_per_job=args.faces_per_job)
     client.wait_ready()
     wait_until(args.start_at)
     counter = iter(range(10**9))
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m fer_swarm.bench.client", description=__doc__.splitlines()[0])
     ap.add_argument("mode", choices=("swarm", "inprocess", "prototype"))
     ap.add_argument("target", nargs="?", default="", help="broker frontend endpoint, or HOST:PORT of a prototype server")
-    ap.add_argument("--in-flight", type=int, default=8)
+    ap.add_argument("--in-flight", type=int, default=8, help="closed loop: JOBs outstanding")
+    ap.add_argument("--faces-per-job", type=int, default=1, help="crops in each JOB (swarm mode)")
     ap.add_argument("--rate", type=float, default=0.0, help="open loop at this many faces/s (0: closed loop)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--window-s", type=float, default=1.0)

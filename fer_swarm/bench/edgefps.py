@@ -42,13 +42,12 @@ def stage_ms(clip: Path, detect_width_px: int) -> dict:
         gray = to_gray(frame)
         boxes = detector.detect(gray)
         t2 = time.perf_counter()
-        outcomes = []
-        for i, box in enumerate(boxes):
-            crop = crop_face(gray, box, (48, 48))
-            cid = p.CorrelationId(stream="fps", frame=0, face=i)
-            p.encode(p.Job(id=cid, deadline_ms=250, width_px=48, height_px=48, payload=crop.tobytes()))
-            outcomes.append(FaceOutcome(id=cid, box=box, label="happy", probabilities={"happy": 0.7, "sad": 0.3},
-                                        worker="w", latency_ms=5.0, error=None, reason=""))
+        ids = [p.CorrelationId(stream="fps", frame=0, face=i) for i in range(len(boxes))]
+        crops = [crop_face(gray, box, (48, 48)).tobytes() for box in boxes]
+        if ids:
+            p.encode(p.Job(ids=tuple(ids), deadline_ms=250, width_px=48, height_px=48, payloads=tuple(crops)))
+        outcomes = [FaceOutcome(id=cid, box=box, label="happy", probabilities={"happy": 0.7, "sad": 0.3},
+                                worker="w", latency_ms=5.0, error=None, reason="") for cid, box in zip(ids, boxes)]
         t3 = time.perf_counter()
         draw_faces(frame, outcomes, second_label_threshold=0.25)
         t4 = time.perf_counter()

@@ -1,7 +1,9 @@
 """Load generation against a broker: closed loop (K jobs in flight) or open loop (a target rate).
 
-A client is one DEALER socket that sends real JOB messages and measures each
-job's latency from send to terminal reply. Results are kept per time window
+A client is one DEALER socket that sends real JOB messages, each of
+``faces_per_job`` crops (as an edge sends a frame's faces together), and
+measures each job's latency from send to terminal reply. Counts and latency
+samples are per face, so figures compare with inference one face at a time. Results are kept per time window
 so a caller can tell whether the rate has settled before trusting a figure
 (the benchmark runner's ``settled_at``).
 """
@@ -54,7 +56,10 @@ class LoadResult:
 
 class LoadClient:
     def __init__(self, ctx: zmq.Context, endpoint: str, *, stream: str = "bench", crop: np.ndarray | None = None,
-                 deadline_ms: int = 2000, curve: tuple[security.KeyPair, bytes] | None = None):
+                 deadline_ms: int = 2000, faces_per_job: int = 1,
+                 curve: tuple[security.KeyPair, bytes] | None = None):
+        if not 1 <= faces_per_job <= p.MAX_CROPS:
+            raise ValueError(f"faces_per_job must be 1..{p.MAX_CROPS}, got {faces_per_job}")
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.sndhwm = self.sock.rcvhwm = 100_000
@@ -64,6 +69,7 @@ class LoadClient:
         self.stream = stream
         self.crop = np.zeros((48, 48), np.uint8) if crop is None else crop
         self.deadline_ms = deadline_ms
+        self.faces_per_job = faces_per_job
         self._sent_at: dict[int, float] = {}
         self._frame = 0
 
@@ -84,9 +90,10 @@ class LoadClient:
 
     def _send(self) -> None:
         self._frame += 1
-        cid = p.CorrelationId(stream=self.stream, frame=self._frame, face=0)
-        job = p.Job(id=cid, deadline_ms=self.deadline_ms, width_px=self.crop.shape[1], height_px=self.crop.shape[0],
-                    payload=self.crop.tobytes())
+        n = self.faces_per_job
+        ids = tuple(p.CorrelationId(stream=self.stream, frame=self._frame, face=i) for i in range(n))
+        job = p.Job(ids=ids, deadline_ms=self.deadline_ms, width_px=self.crop.shape[1], height_px=self.crop.shape[0],
+                    payloads=(self.crop.tobytes(),) * n)
         self._sent_at[self._frame] = time.perf_counter()
         self.sock.send_multipart(p.encode(job))
 
@@ -100,19 +107,20 @@ class LoadClient:
             except zmq.Again:
                 return got
             msg = p.decode(frames)
-            cid = getattr(msg, "id", None)  # replies to jobs; a stray WELCOME or HEARTBEAT has none
-            if cid is None or (t0 := self._sent_at.pop(cid.frame, None)) is None:
+            ids = getattr(msg, "ids", ())  # replies to jobs; a stray WELCOME or HEARTBEAT has none
+            if not ids or (t0 := self._sent_at.pop(ids[0].frame, None)) is None:
                 continue
             got += 1
+            n = len(ids)
             if isinstance(msg, p.Result):
-                window.results += 1
-                window.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                window.results += n
+                window.latencies_ms.extend([(time.perf_counter() - t0) * 1000] * n)
             elif isinstance(msg, p.Expired):
-                window.expired += 1
+                window.expired += n
             elif isinstance(msg, p.Busy):
-                window.busy += 1
+                window.busy += n
             else:
-                window.errors += 1
+                window.errors += n
 
     def closed_loop(self, in_flight: int, window_s: float, windows: int, on_window=None) -> LoadResult:
         """Keep ``in_flight`` jobs outstanding for ``windows`` windows of ``window_s`` seconds each.
@@ -136,9 +144,9 @@ class LoadClient:
         return LoadResult(out, sent, self._drain())
 
     def open_loop(self, rate_per_s: float, window_s: float, windows: int, on_window=None) -> LoadResult:
-        """Send at ``rate_per_s`` regardless of replies (as a camera does) for ``windows`` windows."""
+        """Send ``rate_per_s`` faces a second regardless of replies (as a camera does) for ``windows`` windows."""
         out, sent = [], 0
-        interval = 1.0 / rate_per_s
+        interval = self.faces_per_job / rate_per_s
         next_send = time.perf_counter()
         for _ in range(windows):
             w = Window(window_s)

@@ -43,7 +43,8 @@ class Point:
     service_ms: float = 0.0
     rtt_ms: float = 0.0
     clients: int = 1
-    in_flight: int = 8
+    in_flight: int = 8  # JOBs outstanding per point (closed loop)
+    faces_per_job: int = 1  # crops per JOB, as an edge sends a frame's faces together
     rate: float = 0.0
     crop_px: int = 48
 
@@ -152,7 +153,8 @@ def _client_cmd(mode: str, target: str, point: Point, window_s: float, windows: 
                 in_flight: int) -> list[str]:
     cmd = [sys.executable, "-m", "fer_swarm.bench.client", mode, target, "--window-s", str(window_s),
            "--windows", str(windows), "--start-at", str(start_at), "--crop-px", str(point.crop_px),
-           "--stream", f"bench-{n}", "--in-flight", str(in_flight), "--threads", str(point.threads)]
+           "--stream", f"bench-{n}", "--in-flight", str(in_flight), "--threads", str(point.threads),
+           "--faces-per-job", str(point.faces_per_job)]
     if point.rate:
         cmd += ["--rate", str(point.rate / point.clients)]
     return cmd

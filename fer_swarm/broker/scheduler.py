@@ -4,6 +4,9 @@ The server (:mod:`fer_swarm.broker.server`) feeds it what arrives and sends
 what it returns. Keeping the rules here makes each one testable alone:
 
 - Credits: a worker announces a capacity; it never holds more jobs than that.
+  A job is one JOB message (the crops of one frame, usually): credits count
+  messages, so a worker with one thread still holds the next frame while it
+  works on this one, however many faces each frame has.
   The least-loaded worker (lowest share of its capacity in use) goes first, so
   a 4-thread Pi and a 1-thread laptop fill in proportion.
 - Fairness: each client has its own queue and dispatch takes one job per
@@ -161,7 +164,7 @@ class Scheduler:
 
     def _busy(self, identity: bytes, msg: p.Job, reason: str) -> Reply:
         self.counters.busy += 1
-        return identity, p.Busy(id=msg.id, reason=reason)
+        return identity, p.Busy(ids=msg.ids, reason=reason)
 
     # ----------------------------------------------------------------- workers
 
@@ -215,7 +218,7 @@ class Scheduler:
             else:
                 job.answered = True
                 self.counters.errors += 1
-                replies.append((job.client, p.Error(id=job.msg.id, reason=f"worker {state.name} was lost ({why})")))
+                replies.append((job.client, p.Error(ids=job.msg.ids, reason=f"worker {state.name} was lost ({why})")))
         return replies
 
     def reap_silent_workers(self, now: float) -> list[Reply]:
@@ -274,7 +277,7 @@ class Scheduler:
     def _expired(self, job: PendingJob, reason: str) -> Reply:
         job.answered = True
         self.counters.expired += 1
-        return job.client, p.Expired(id=job.msg.id, reason=reason)
+        return job.client, p.Expired(ids=job.msg.ids, reason=reason)
 
     # ----------------------------------------------------------------- dispatch
 

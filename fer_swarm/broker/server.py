@@ -234,7 +234,7 @@ class Broker:
         if peer == "client" and getattr(e, "command", None) == p.Command.JOB:
             self.scheduler.counters.errors += 1
         sock = self.frontend if peer == "client" else self.backend
-        self._send(sock, identity, p.error_reply(p.Error, f"malformed message: {e}", id=getattr(e, "id", None)))
+        self._send(sock, identity, p.error_reply(p.Error, f"malformed message: {e}", ids=getattr(e, "ids", ())))
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: p.Message) -> bool:
         return self._send_frames(sock, identity, p.encode_routed(identity, msg))

@@ -28,6 +28,7 @@ import zmq
 from ..config import EdgeSettings
 from ..errors import FerSwarmError
 from ..faces import FaceDetector, HaarDetector, crop_face, to_gray
+from ..protocol import MAX_CROPS
 from ..security import client_security
 from .client import SwarmClient
 from .draw import draw_faces
@@ -207,12 +208,13 @@ class _EdgeRun:
         gray = to_gray(frame.bgr)
         boxes = self.detector.detect(gray)[: self.settings.max_faces]
         ids = self.pipeline.add_frame(frame.index, frame.time_s, frame.bgr, boxes, time.monotonic())
-        for id, box in zip(ids, boxes):
-            crop = crop_face(gray, box, self.crop_size, margin=self.settings.crop_margin)
-            if self.client.send_job(id, crop, self.settings.deadline_ms):
-                self.pipeline.sent(id, time.monotonic())
+        crops = [crop_face(gray, box, self.crop_size, margin=self.settings.crop_margin) for box in boxes]
+        for start in range(0, len(ids), MAX_CROPS):  # the frame's faces in one JOB, if they fit
+            part = ids[start:start + MAX_CROPS]
+            if self.client.send_job(part, crops[start:start + MAX_CROPS], self.settings.deadline_ms):
+                self.pipeline.sent(part, time.monotonic())
             else:
-                self.pipeline.failed(id, UNSENT, "the socket to the broker would block")
+                self.pipeline.failed(part, UNSENT, "the socket to the broker would block")
         log.debug("frame %d: %d face(s) sent", frame.index, len(boxes))
         self.handle(0.0)
 

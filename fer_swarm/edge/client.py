@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import zmq
@@ -117,15 +117,16 @@ class SwarmClient:
             "(is `fer-swarm broker` running there, and is the address right?)"
         )
 
-    def send_job(self, id: CorrelationId, crop: np.ndarray, deadline_ms: int) -> bool:
-        """Queue one face crop (2-D uint8, height x width) without blocking.
+    def send_job(self, ids: Sequence[CorrelationId], crops: Sequence[np.ndarray], deadline_ms: int) -> bool:
+        """Queue one JOB of face crops (each 2-D uint8, height x width, all one size) without blocking.
 
+        A frame's faces go together, up to MAX_CROPS per JOB; its one reply answers them all.
         False if the socket cannot take it now (the broker is unreachable or its
-        queue toward us is full): the caller records that face as failed.
+        queue toward us is full): the caller records those faces as failed.
         """
-        height, width = crop.shape
-        job = Job(id=id, deadline_ms=deadline_ms, width_px=width, height_px=height,
-                  payload=np.ascontiguousarray(crop, dtype=np.uint8).tobytes())
+        height, width = crops[0].shape
+        job = Job(ids=tuple(ids), deadline_ms=deadline_ms, width_px=width, height_px=height,
+                  payloads=tuple(np.ascontiguousarray(c, dtype=np.uint8).tobytes() for c in crops))
         return self._send(job)
 
     def poll_replies(self, timeout_ms: int = 0) -> list[Reply]:

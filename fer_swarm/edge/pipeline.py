@@ -23,7 +23,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -144,42 +144,47 @@ class FramePipeline:
         self._pending[index] = _Pending(index, time_s, image, now, [_Face(b) for b in boxes])
         return [CorrelationId(stream=self.stream, frame=index, face=i) for i in range(len(boxes))]
 
-    def sent(self, id: CorrelationId, now: float) -> None:
-        """The job for ``id`` left at ``now``: its latency counts from here."""
-        face = self._face(id)
-        if face is not None:
-            face.sent_at = now
+    def sent(self, ids: Sequence[CorrelationId], now: float) -> None:
+        """The job for ``ids`` left at ``now``: their latency counts from here."""
+        for id in ids:
+            face = self._face(id)
+            if face is not None:
+                face.sent_at = now
 
-    def failed(self, id: CorrelationId, kind: str, reason: str = "") -> None:
-        """The job for ``id`` failed at the edge (e.g. ``UNSENT``); it will get no reply."""
-        face = self._face(id)
-        if face is not None and face.outcome is None:
-            face.outcome = FaceOutcome(id=id, box=face.box, error=kind, reason=reason)
+    def failed(self, ids: Sequence[CorrelationId], kind: str, reason: str = "") -> None:
+        """The job for ``ids`` failed at the edge (e.g. ``UNSENT``); it will get no reply."""
+        for id in ids:
+            face = self._face(id)
+            if face is not None and face.outcome is None:
+                face.outcome = FaceOutcome(id=id, box=face.box, error=kind, reason=reason)
 
-    def on_reply(self, msg: Reply, now: float) -> bool:
-        """Record a reply received at ``now``; False (and counted in ``late_replies``) if it
-        answers no face still waiting: unknown id, frame already shown, or a duplicate."""
-        if msg.id is None:
+    def on_reply(self, msg: Reply, now: float) -> int:
+        """Record a reply received at ``now``; return how many waiting faces it answered.
+
+        Each face of the reply that answers no face still waiting (unknown id,
+        frame already shown, or a duplicate) is counted in ``late_replies``.
+        """
+        if not msg.ids:
             # The broker could not read the job's header: nothing to match, so say so.
-            log.warning("%s reply without a correlation id dropped: %s", msg.command.value, getattr(msg, "reason", ""))
+            log.warning("%s reply without correlation ids dropped: %s", msg.command.value, getattr(msg, "reason", ""))
             self.late_replies += 1
-            return False
-        face = self._face(msg.id)
-        if face is None or face.outcome is not None:
-            self.late_replies += 1
-            log.debug("late or unknown reply %s for %s dropped", msg.command.value, msg.id)
-            return False
-        latency_ms = None if face.sent_at is None else (now - face.sent_at) * 1000.0
+            return 0
         if isinstance(msg, Result):
-            face.outcome = FaceOutcome(
-                id=msg.id, box=face.box, label=msg.label, probabilities=MappingProxyType(dict(msg.probabilities)),
-                worker=msg.worker, latency_ms=latency_ms,
-            )
+            outcomes = [(f.id, dict(label=f.label, probabilities=MappingProxyType(dict(f.probabilities)),
+                                    worker=msg.worker)) for f in msg.faces]
         else:
-            face.outcome = FaceOutcome(
-                id=msg.id, box=face.box, latency_ms=latency_ms, error=msg.command.value, reason=msg.reason
-            )
-        return True
+            outcomes = [(id, dict(error=msg.command.value, reason=msg.reason)) for id in msg.ids]
+        answered = 0
+        for id, fields in outcomes:
+            face = self._face(id)
+            if face is None or face.outcome is not None:
+                self.late_replies += 1
+                log.debug("late or unknown reply %s for %s dropped", msg.command.value, id)
+                continue
+            latency_ms = None if face.sent_at is None else (now - face.sent_at) * 1000.0
+            face.outcome = FaceOutcome(id=id, box=face.box, latency_ms=latency_ms, **fields)
+            answered += 1
+        return answered
 
     def seconds_until_due(self, now: float) -> float | None:
         """Seconds until the oldest held frame must be shown (0 if it may be shown now); None if none is held."""

@@ -1,9 +1,13 @@
 """Inference threads: each owns one interpreter (interpreters are not thread-safe) and one PUSH socket.
 
-The I/O thread puts jobs on a bounded queue; a thread takes one, checks its
-deadline, runs the model and pushes the encoded reply back over ``inproc://``
-to the I/O thread, the only one that touches the broker's socket. Encoding
-the reply here keeps that work off the I/O thread.
+The I/O thread hands each JOB to :meth:`InferencePool.submit`, which splits
+its crops into as many parts as there are threads (a frame's four faces run
+on a 4-thread Pi at once, not one after another) and queues the parts on a
+bounded queue. A thread takes a part, checks the deadline and the crop size,
+runs the model on each crop of its part and, if it finished the JOB's last
+part, encodes the one reply for the whole JOB and pushes it over
+``inproc://`` to the I/O thread, the only one that touches the broker's
+socket. Encoding here keeps that work off the I/O thread.
 """
 
 from __future__ import annotations
@@ -12,23 +16,38 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
 
 from .. import protocol as p
-from ..errors import ModelError
+from ..errors import ModelError, ProtocolError
 from ..model import Classifier, ModelCard
 
 log = logging.getLogger(__name__)
 
+MAX_QUEUED_PARTS = 1024
 
-@dataclass(frozen=True)
-class Task:
+
+@dataclass(eq=False)
+class _Answer:
+    """One JOB on its way through the threads; the thread that finishes its last part sends the reply."""
+
     generation: int  # which broker connection the job came on; replies to an older one are dropped
     msg: p.Job
     received: float  # monotonic seconds
+    parts: int  # parts not finished yet
+    faces: list[p.FaceResult | None]
+    failure: p.Message | None = None  # EXPIRED or ERROR for the whole JOB
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class Task:
+    answer: _Answer
+    start: int  # the part is crops [start, stop) of the JOB
+    stop: int
 
 
 class InferencePool:
@@ -38,7 +57,7 @@ class InferencePool:
         self.service_time_s = service_time_ms / 1000
         self.echo = echo
         self.worker_name = worker_name
-        self.tasks: queue.Queue[Task | None] = queue.Queue(maxsize=1024)
+        self.tasks: queue.Queue[Task | None] = queue.Queue(maxsize=MAX_QUEUED_PARTS)
         self._ctx = ctx
         self._endpoint = results_endpoint
         # Load every interpreter before starting: a model that cannot load fails start-up, not job one.
@@ -49,6 +68,21 @@ class InferencePool:
             threading.Thread(target=self._run, args=(clf,), name=f"inference-{i}", daemon=True)
             for i, clf in enumerate(self._classifiers)
         ]
+
+    def submit(self, generation: int, job: p.Job, received: float) -> bool:
+        """Queue ``job``'s crops, split across the threads; False (nothing queued) when the queue is full.
+
+        Only the I/O thread calls this, so the room checked here is still there when the parts go in.
+        """
+        n = len(job.ids)
+        parts = min(n, len(self._threads))
+        if self.tasks.qsize() + parts > MAX_QUEUED_PARTS:
+            return False
+        answer = _Answer(generation, job, received, parts, [None] * n)
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        for start, stop in zip(bounds, bounds[1:]):
+            self.tasks.put_nowait(Task(answer, start, stop))
+        return True
 
     def start(self) -> None:
         for t in self._threads:
@@ -66,42 +100,73 @@ class InferencePool:
         push.connect(self._endpoint)
         try:
             while (task := self.tasks.get()) is not None:
-                reply = self._answer(clf, task)
-                # inproc PUSH to our own I/O thread: never full for long, so blocking here is fine.
-                push.send_multipart([task.generation.to_bytes(8, "big"), *p.encode(reply)], copy=True)
+                frames = self._run_part(clf, task)
+                if frames:
+                    # inproc PUSH to our own I/O thread: never full for long, so blocking here is fine.
+                    push.send_multipart([task.answer.generation.to_bytes(8, "big"), *frames], copy=True)
         finally:
             push.close()
 
     def echo_result(self, job: p.Job, ms: float) -> p.Result:
-        """The fixed answer of an echo worker (benchmarks): first label, certain."""
-        labels = self.card.labels
-        probs = {label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)}
-        return p.Result(id=job.id, job=job.job, label=labels[0], probabilities=probs, model=self.card.model_id,
-                        worker=self.worker_name, inference_ms=round(ms, 3))
+        """The fixed answer of an echo worker (benchmarks): first label, certain, for every crop."""
+        faces = tuple(self._echo_face(id, ms) for id in job.ids)
+        return p.Result(job=job.job, model=self.card.model_id, worker=self.worker_name, faces=faces)
 
-    def _answer(self, clf: Classifier, task: Task) -> p.Message:
-        job = task.msg
-        waited_ms = (time.monotonic() - task.received) * 1000
+    def _echo_face(self, id: p.CorrelationId, ms: float) -> p.FaceResult:
+        labels = self.card.labels
+        return p.FaceResult(id=id, label=labels[0], inference_ms=round(ms, 3),
+                            probabilities={label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)})
+
+    def _run_part(self, clf: Classifier, task: Task) -> list[bytes] | None:
+        """Run one part; the frames of the JOB's reply if this was its last part to finish, else None."""
+        answer = task.answer
+        faces: list[p.FaceResult] = []
+        failure = answer.failure or self._refusal(clf, answer)  # another part's failure spares this work
+        if failure is None:
+            try:
+                faces = [self._classify(clf, answer.msg.ids[i], answer.msg.payloads[i])
+                         for i in range(task.start, task.stop)]
+            except (ModelError, ValueError) as e:
+                failure = p.Error(ids=answer.msg.ids, job=answer.msg.job, reason=f"inference failed: {e}")
+        with answer.lock:
+            if failure is not None:
+                answer.failure = answer.failure or failure
+            else:
+                answer.faces[task.start:task.stop] = faces
+            answer.parts -= 1
+            if answer.parts:
+                return None
+        job = answer.msg
+        if answer.failure is not None:
+            return p.encode(answer.failure)
+        try:
+            return p.encode(p.Result(job=job.job, model=self.card.model_id, worker=self.worker_name,
+                                     faces=tuple(answer.faces)))
+        except ProtocolError as e:  # a header past the limit: a model with very many classes
+            return p.encode(p.error_reply(p.Error, f"result cannot be sent: {e}", ids=job.ids, job=job.job))
+
+    def _refusal(self, clf: Classifier, answer: _Answer) -> p.Message | None:
+        """EXPIRED or ERROR for a JOB that must not run: past its deadline, or crops of the wrong size."""
+        job = answer.msg
+        waited_ms = (time.monotonic() - answer.received) * 1000
         if waited_ms >= job.deadline_ms:
-            return p.Expired(id=job.id, job=job.job, reason=f"deadline passed after {waited_ms:.0f} ms in the worker's queue")
+            return p.Expired(ids=job.ids, job=job.job,
+                             reason=f"deadline passed after {waited_ms:.0f} ms in the worker's queue")
         want = clf.crop_size
         if (job.width_px, job.height_px) != want:
-            return p.Error(id=job.id, job=job.job,
+            return p.Error(ids=job.ids, job=job.job,
                            reason=f"crop is {job.width_px}x{job.height_px}, model {self.card.model_id} takes {want[0]}x{want[1]}")
+        return None
+
+    def _classify(self, clf: Classifier, id: p.CorrelationId, crop: bytes) -> p.FaceResult:
+        labels = clf.labels
+        t0 = time.perf_counter()
         if self.echo:  # a simulated device: a fixed service time, no model run on this machine's CPU
             time.sleep(self.service_time_s)
-            return self.echo_result(job, self.service_time_s * 1000)
-        try:
-            t0 = time.perf_counter()
-            probs = clf.predict(np.frombuffer(job.payload, dtype=np.uint8))
-            if self.service_time_s:
-                time.sleep(max(0.0, t0 + self.service_time_s - time.perf_counter()))
-            ms = (time.perf_counter() - t0) * 1000
-        except (ModelError, ValueError) as e:
-            return p.Error(id=job.id, job=job.job, reason=f"inference failed: {e}")
-        labels = clf.labels
-        return p.Result(
-            id=job.id, job=job.job, label=labels[int(np.argmax(probs))],
-            probabilities={label: round(float(v), 5) for label, v in zip(labels, probs)},
-            model=self.card.model_id, worker=self.worker_name, inference_ms=round(ms, 3),
-        )
+            return self._echo_face(id, self.service_time_s * 1000)
+        probs = clf.predict(np.frombuffer(crop, dtype=np.uint8))
+        if self.service_time_s:
+            time.sleep(max(0.0, t0 + self.service_time_s - time.perf_counter()))
+        return p.FaceResult(id=id, label=labels[int(np.argmax(probs))],
+                            probabilities={label: round(float(v), 5) for label, v in zip(labels, probs)},
+                            inference_ms=round((time.perf_counter() - t0) * 1000, 3))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ from .. import security, transport
 from ..config import WorkerSettings
 from ..errors import ProtocolError, TransportError
 from ..model import DEFAULT_MODEL, load_card
-from .inference import InferencePool, Task
+from .inference import InferencePool
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ class Worker:
         except ProtocolError as e:
             log.warning("malformed message from broker: %s", e)
             if getattr(e, "command", None) == p.Command.JOB:
-                self._send(p.error_reply(p.Error, f"malformed job: {e}", id=getattr(e, "id", None), job=getattr(e, "job", None)))
+                self._send(p.error_reply(p.Error, f"malformed job: {e}", ids=getattr(e, "ids", ()), job=getattr(e, "job", None)))
             return True
         if isinstance(msg, p.Job):
             self.jobs += 1
@@ -185,10 +184,8 @@ class Worker:
                 # Free inference: answered here, so the figure is the broker's cost alone.
                 self._send_frames(p.encode(self.pool.echo_result(msg, 0.0)))
                 return True
-            try:
-                self.pool.tasks.put_nowait(Task(self.generation, msg, now))
-            except queue.Full:
-                self._send(p.Busy(id=msg.id, job=msg.job, reason=f"worker {self.name} queue is full"))
+            if not self.pool.submit(self.generation, msg, now):
+                self._send(p.Busy(ids=msg.ids, job=msg.job, reason=f"worker {self.name} queue is full"))
         elif isinstance(msg, p.Disconnect):
             log.warning("broker says disconnect: %s", msg.reason or "(no reason)")
             return False
