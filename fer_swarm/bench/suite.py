@@ -150,7 +150,7 @@ COLORS = {"a": (60, 60, 60), "b": (40, 40, 200), "c": (200, 120, 30), "d": (40, 
 def plot(report: Report, path: Path) -> None:
     """Throughput (x, log) against p99 latency (y, log), one dot per point, coloured by configuration."""
     pts = [m for m in report.points if m.p99_ms and m.throughput_per_s > 0]
-    w, h, left, bottom, top = 1000, 640, 80, 60, 30
+    w, h, left, bottom, top, legend = 1100, 640, 80, 60, 30, 400
     img = np.full((h, w, 3), 255, np.uint8)
     if not pts:
         cv2.imwrite(str(path), img)
@@ -159,14 +159,14 @@ def plot(report: Report, path: Path) -> None:
     ys = np.log10([m.p99_ms for m in pts])
     x0, x1 = np.floor(xs.min()), np.ceil(xs.max() + 0.01)
     y0, y1 = np.floor(ys.min()), np.ceil(ys.max() + 0.01)
-    px = lambda v: int(left + (v - x0) / (x1 - x0) * (w - left - 330))  # noqa: E731
+    px = lambda v: int(left + (v - x0) / (x1 - x0) * (w - left - legend))  # noqa: E731
     py = lambda v: int(h - bottom - (v - y0) / (y1 - y0) * (h - bottom - top))  # noqa: E731
     font = cv2.FONT_HERSHEY_SIMPLEX
     for e in range(int(x0), int(x1) + 1):
         cv2.line(img, (px(e), top), (px(e), h - bottom), (225, 225, 225), 1)
         cv2.putText(img, f"{10 ** e:g}", (px(e) - 12, h - bottom + 20), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     for e in range(int(y0), int(y1) + 1):
-        cv2.line(img, (left, py(e)), (w - 330, py(e)), (225, 225, 225), 1)
+        cv2.line(img, (left, py(e)), (w - legend, py(e)), (225, 225, 225), 1)
         cv2.putText(img, f"{10 ** e:g} ms", (5, py(e) + 5), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, "throughput, faces/s (log) ->", (left + 200, h - 15), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     cv2.putText(img, "p99 latency (log)", (5, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
@@ -174,6 +174,6 @@ def plot(report: Report, path: Path) -> None:
         color = COLORS.get(m.point.config, (0, 0, 0))
         cv2.circle(img, (px(x), py(y)), 6, color, -1, cv2.LINE_AA)
         cv2.putText(img, str(i + 1), (px(x) + 7, py(y) - 5), font, 0.45, color, 1, cv2.LINE_AA)
-        cv2.putText(img, f"{i + 1}. {m.point.name}"[:42], (w - 320, top + 18 * i + 10), font, 0.42, color, 1,
+        cv2.putText(img, f"{i + 1}. {m.point.name}"[:52], (w - legend + 10, top + 18 * i + 10), font, 0.42, color, 1,
                     cv2.LINE_AA)
     cv2.imwrite(str(path), img)
