@@ -126,7 +126,9 @@ class InferencePool:
             try:
                 faces = [self._classify(clf, answer.msg.ids[i], answer.msg.payloads[i])
                          for i in range(task.start, task.stop)]
-            except (ModelError, ValueError) as e:
+            except Exception as e:  # the JOB still gets its one reply, and the thread lives on
+                if not isinstance(e, (ModelError, ValueError)):
+                    log.exception("inference failed on job %s", answer.msg.job)
                 failure = p.Error(ids=answer.msg.ids, job=answer.msg.job, reason=f"inference failed: {e}")
         with answer.lock:
             if failure is not None:
