@@ -420,19 +420,42 @@ def bench(
     rtt_ms: float = typer.Option(5.0, min=0.0, help="Round-trip delay added on every link in config e, ms."),
     sim_workers: str = typer.Option("1,2,4,8", help="Simulated Pi worker counts for config e."),
     faces_per_job: int = typer.Option(4, min=1, max=16,
-                                      help="Crops per JOB in config c, as the edge sends a frame's faces together."),
+                                      help="Crops per JOB in config c (and a custom point), as the edge sends a "
+                                           "frame's faces together."),
+    workers: int | None = typer.Option(None, min=1, max=16, rich_help_panel="One custom point",
+                                       help="Run one point of your own instead of the suite: this many real "
+                                            "workers with the shipped model."),
+    threads: int = typer.Option(1, min=1, max=16, rich_help_panel="One custom point",
+                                help="Inference threads per worker."),
+    clients: int = typer.Option(1, min=1, max=16, rich_help_panel="One custom point",
+                                help="Load-generating client processes."),
+    in_flight: int = typer.Option(8, min=1, max=10_000, rich_help_panel="One custom point",
+                                  help="Closed loop: JOBs in flight, shared among the clients."),
+    rate: float = typer.Option(0.0, min=0.0, rich_help_panel="One custom point",
+                               help="Open loop at this many faces/s in all, shared among the clients (0: closed loop)."),
 ) -> None:
     """Measure fer-swarm against in-process inference and the prototype's design, side by side in one run,
-    on real processes over loopback: throughput, latency p50/p90/p99, EXPIRED/BUSY/ERROR counts."""
+    on real processes over loopback: throughput, latency p50/p90/p99, EXPIRED/BUSY/ERROR counts.
+
+    With --workers, measure one point of your own instead, e.g. 2 workers of 2 threads driven by 2 clients
+    at 1,500 faces/s: fer-swarm bench --workers 2 --threads 2 --clients 2 --rate 1500"""
     import dataclasses
 
     from .bench import suite
+    from .bench.runner import Point
 
+    custom = None
+    if workers is not None:
+        load = f"{rate:g} faces/s" if rate else f"{in_flight} JOBs in flight"
+        custom = Point("custom", f"custom: {workers}W x {threads}T, {clients} client(s), {load}, {faces_per_job}/JOB",
+                       "swarm", workers=workers, threads=threads,
+                       clients=clients, in_flight=in_flight, rate=rate, faces_per_job=faces_per_job)
     if quick:
-        opts = dataclasses.replace(suite.BenchOptions.smoke(out_dir), configs=configs, faces_per_job=faces_per_job)
+        opts = dataclasses.replace(suite.BenchOptions.smoke(out_dir), configs=configs, faces_per_job=faces_per_job,
+                                   custom=custom)
     else:
         opts = suite.BenchOptions(out_dir=out_dir, window_s=window_s, max_windows=max_windows, service_ms=service_ms,
-                                  rtt_ms=rtt_ms, configs=configs, faces_per_job=faces_per_job,
+                                  rtt_ms=rtt_ms, configs=configs, faces_per_job=faces_per_job, custom=custom,
                                   sim_workers=tuple(int(w) for w in sim_workers.split(",") if w.strip()))
     table = Table(title="fer-swarm bench (this machine, one run)")
     for col in ("configuration", "faces/s", "p50 ms", "p90 ms", "p99 ms", "expired", "busy", "errors", "settled"):
@@ -451,7 +474,7 @@ def bench(
         verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: ""}[t["met"]]
         console.print(f"{t['target']}: {t['measured']} (goal {t['goal']}) {verdict}")
     result = report.to_dict()
-    if edge:
+    if edge and custom is None:
         from .bench.edgefps import measure
 
         result["edge"] = measure(out_dir / "edge", frames=60 if quick else 150)

@@ -25,3 +25,16 @@ def test_bench_quick_runs_every_configuration_and_writes_json_and_plot(tmp_path)
     edge = report["edge"]
     assert edge["full resolution"]["edge_fps"] > 0 and edge["reduced (default 480 px)"]["faces"] > 0
     assert cv2.imread(str(tmp_path / "bench.png")) is not None
+
+
+def test_bench_custom_point_drives_the_rate_asked_for(tmp_path):
+    res = run_cli("-q", "bench", "--workers", "1", "--clients", "2", "--rate", "200", "--faces-per-job", "2",
+                  "--window-s", "0.3", "--max-windows", "4", "--out", str(tmp_path), timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    (point,) = report["points"]
+    assert (point["config"], point["workers"], point["clients"], point["faces_per_job"]) == ("custom", 1, 2, 2)
+    assert point["rate"] == 200 and point["errors"] == point["busy"] == 0
+    # Open loop sends at the rate whatever the replies: a swarm this lightly loaded answers all of it.
+    assert 150 <= point["throughput_per_s"] <= 250, point["window_throughputs"]
+    assert "edge" not in report and report["targets"] == []

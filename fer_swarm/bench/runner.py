@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import subprocess
 import sys
 import threading
@@ -160,6 +161,18 @@ def _client_cmd(mode: str, target: str, point: Point, window_s: float, windows: 
     return cmd
 
 
+def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_s:g} s") from None
+            time.sleep(0.05)
+
+
 def _wait_for_workers(frontend: str, workers: int) -> None:
     from .load import LoadClient
 
@@ -195,6 +208,7 @@ def run_point(point: Point, *, window_s: float, max_windows: int) -> Measured:
             front, back = free_port(), free_port()
             process("broker", "--frontend", f"tcp://127.0.0.1:{front}", "--backend", f"tcp://127.0.0.1:{back}",
                     "--max-queue", "20000", "--max-queue-per-client", "10000")
+            _wait_for_port(back)  # a relay started before the broker binds would turn workers away once
             worker_back = relayed(back)
             args = ["--threads", str(point.threads), "--capacity", str(point.capacity)]  # 0: the worker's default
             if point.echo:

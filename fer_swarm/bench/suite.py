@@ -36,6 +36,7 @@ class BenchOptions:
     sim_workers: tuple[int, ...] = (1, 2, 4, 8)
     configs: str = "abcde"
     faces_per_job: int = 4  # config c: crops per JOB, as the edge sends a frame of four faces
+    custom: Point | None = None  # measure this one point instead of the configurations
     quick: bool = False
 
     @classmethod
@@ -65,6 +66,9 @@ def run(opts: BenchOptions, progress: Callable[[Measured], None] = lambda m: Non
         progress(m)
         return m
 
+    if opts.custom is not None:
+        measure(opts.custom)
+        return report
     want = set(opts.configs)
     if "a" in want:
         measure(Point("a", "a: in-process, 1 thread", "inprocess", threads=1))
@@ -144,7 +148,7 @@ def write(report: Report, out_dir: Path) -> tuple[Path, Path]:
     return json_path, png_path
 
 
-COLORS = {"a": (60, 60, 60), "b": (40, 40, 200), "c": (200, 120, 30), "d": (40, 160, 40), "e": (160, 40, 160)}
+COLORS = {"custom": (0, 0, 0), "a": (60, 60, 60), "b": (40, 40, 200), "c": (200, 120, 30), "d": (40, 160, 40), "e": (160, 40, 160)}
 
 
 def plot(report: Report, path: Path) -> None:
