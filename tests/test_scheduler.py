@@ -154,3 +154,32 @@ def test_credits_count_jobs_and_every_reply_names_all_of_a_jobs_faces(sched):
     big.submit(b"c", job("c", 0, faces=3), 0.0)
     _, busy = big.submit(b"c", job("c", 1, faces=3), 0.0)
     assert isinstance(busy, p.Busy) and [i.face for i in busy.ids] == [0, 1, 2]
+
+
+def test_queued_pixels_are_bounded_in_bytes_and_accounted_back_to_zero():
+    s = Scheduler(BrokerSettings(max_queue=100, max_queue_per_client=100, max_queue_bytes=10 * 2304))
+    for frame in range(2):
+        assert s.submit(b"c", job("c", frame, faces=4), 0.0) is None  # 8 crops of 2,304 bytes
+    _, busy = s.submit(b"c", job("c", 2, faces=3), 0.0)  # 11 crops would not fit
+    assert isinstance(busy, p.Busy) and "bytes" in busy.reason and len(busy.ids) == 3
+    assert s.submit(b"c", job("c", 3, faces=2), 0.0) is None and s.queued_bytes == 10 * 2304
+    s.register(b"w", ready("w", 1), 0.0)
+    s.dispatch(0.0)  # one JOB leaves the queue for the worker
+    assert s.queued_bytes == 6 * 2304
+    s.submit(b"d", job("d", 0, deadline_ms=10), 0.0)
+    s.expire(0.05)  # d's JOB expires in the queue
+    assert s.queued_bytes == 6 * 2304
+    s.remove_worker(b"w", 0.06, "test")  # its JOB goes back to the queue
+    assert s.queued_bytes == 10 * 2304
+    s.drop_client(b"c")
+    assert s.queued_bytes == 0 and s.queued == 0
+
+
+def test_crops_of_another_size_than_the_pools_model_are_answered_error_at_once(sched):
+    odd = p.Job(ids=(p.CorrelationId(stream="c", frame=0, face=0),), deadline_ms=1000, width_px=64, height_px=64,
+                payloads=(bytes(64 * 64),))
+    assert sched.submit(b"c", odd, 0.0) is None  # no worker yet: the pool's size is not known, so it waits
+    sched.register(b"w", ready("w", 1), 0.0)
+    _, reply = sched.submit(b"c", odd.model_copy(update={"ids": (p.CorrelationId(stream="c", frame=1, face=0),)}), 0.0)
+    assert isinstance(reply, p.Error) and "64x64" in reply.reason and "48x48" in reply.reason
+    assert sched.queued == 1

@@ -15,8 +15,10 @@ what it returns. Keeping the rules here makes each one testable alone:
   queued or already at a worker (whose late answer is then dropped).
 - Lost workers: their unanswered jobs go back to the front of their client's
   queue once, if enough of the deadline remains; otherwise ERROR.
-- Bounds: total and per-client queue lengths (BUSY beyond them), the client
-  table (clients with nothing pending are forgotten first) and the worker table.
+- Bounds: total and per-client queue lengths and the bytes of pixels queued
+  (BUSY beyond them), the client table (clients with nothing pending are
+  forgotten first) and the worker table. Crops of another size than the
+  pool's model are answered ERROR at once instead of being queued.
 
 The invariant everything here serves: every job gets exactly one terminal
 reply (RESULT, EXPIRED, BUSY or ERROR) while its client is known. ``answered``
@@ -45,6 +47,7 @@ class PendingJob:
     client: bytes
     msg: p.Job
     deadline: float  # monotonic seconds
+    size: int = 0  # bytes of pixels it holds
     attempts: int = 0
     answered: bool = False
 
@@ -100,6 +103,7 @@ class Scheduler:
         # Clients with queued jobs, in round-robin order; a client is here exactly when its queue is not empty.
         self._turns: deque[bytes] = deque()
         self.queued = 0
+        self.queued_bytes = 0
         self._next_job = 0
         self.counters = Counters()
 
@@ -136,6 +140,7 @@ class Scheduler:
         if state is None:
             return
         self.queued -= len(state.queue)
+        self.queued_bytes -= sum(job.size for job in state.queue)
         for job in state.queue:
             job.answered = True
         if state.queue:
@@ -149,17 +154,26 @@ class Scheduler:
         state = self.client(identity, now)
         if state is None:
             return self._busy(identity, msg, "broker client table is full")
+        pool = self.pool_model()
+        if pool is not None and (msg.width_px, msg.height_px) != (pool.width_px, pool.height_px):
+            self.counters.errors += 1
+            return identity, p.Error(ids=msg.ids, reason=f"crops are {msg.width_px}x{msg.height_px}; the pool's "
+                                                         f"model {pool.ref} takes {pool.width_px}x{pool.height_px}")
+        size = len(msg.ids) * msg.width_px * msg.height_px
         if self.queued >= self.settings.max_queue:
             return self._busy(identity, msg, "broker queue is full")
+        if self.queued_bytes + size > self.settings.max_queue_bytes:
+            return self._busy(identity, msg, "broker queue is full (bytes of pixels)")
         if len(state.queue) >= self.settings.max_queue_per_client:
             return self._busy(identity, msg, "this client's queue is full")
         deadline_ms = min(msg.deadline_ms, self.settings.max_deadline_ms)
         self._next_job += 1
-        job = PendingJob(self._next_job, identity, msg, now + deadline_ms / 1000)
+        job = PendingJob(self._next_job, identity, msg, now + deadline_ms / 1000, size)
         if not state.queue:
             self._turns.append(identity)
         state.queue.append(job)
         self.queued += 1
+        self.queued_bytes += size
         return None
 
     def _busy(self, identity: bytes, msg: p.Job, reason: str) -> Reply:
@@ -215,6 +229,7 @@ class Scheduler:
                     self._turns.append(job.client)
                 client.queue.appendleft(job)
                 self.queued += 1
+                self.queued_bytes += job.size
             else:
                 job.answered = True
                 self.counters.errors += 1
@@ -262,6 +277,7 @@ class Scheduler:
                 for job in client.queue:
                     if job.deadline <= now:
                         replies.append(self._expired(job, "deadline passed while queued"))
+                        self.queued_bytes -= job.size
                     else:
                         keep.append(job)
                 self.queued -= len(client.queue) - len(keep)
@@ -300,6 +316,7 @@ class Scheduler:
                 continue
             job = client.queue.popleft()
             self.queued -= 1
+            self.queued_bytes -= job.size
             if client.queue:
                 self._turns.append(identity)
             if job.answered:
