@@ -70,9 +70,16 @@ class WorkerSettings(Settings):
     max_message_bytes: int = Field(65536, ge=1024, description="Largest message accepted from the broker (ZMQ_MAXMSGSIZE), in bytes.")
     service_time_ms: float = Field(0.0, ge=0, description="Pad every inference to at least this many ms, to simulate a slower device (benchmarks, tests); 0 for none.")
     echo: bool = Field(False, description="Answer every job without running the model: at once, or after service_time_ms to simulate a device (benchmarks).")
+    echo_crop_px: int = Field(0, ge=0, le=4096, description="With echo: announce and take square crops of this size instead of the model's (benchmarks of the broker alone); 0 for the model's.")
     secret_key: Path | None = Field(None, description="This worker's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
     broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
     insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")
+
+    @model_validator(mode="after")
+    def _echo_crop_needs_echo(self):
+        if self.echo_crop_px and not self.echo:
+            raise ValueError("echo_crop_px is for echo workers only (add --echo)")
+        return self
 
 
 class EdgeSettings(Settings):
@@ -165,10 +172,12 @@ def load(
         return model.model_validate(merged)
     except ValidationError as e:
         first = e.errors()[0]
-        key = str(first["loc"][0]) if first["loc"] else ""
+        msg = first["msg"].removeprefix("Value error, ")
+        if not first["loc"]:  # a rule across keys: no one key or source to name
+            raise ConfigError(f"{program} settings: {msg}") from None
+        key = str(first["loc"][0])
         where = origin.get(key, "settings")
-        name = _spell(program, key, where) if key else "settings"
-        raise ConfigError(f"{where}: {name}: {first['msg']}") from None
+        raise ConfigError(f"{where}: {_spell(program, key, where)}: {msg}") from None
 
 
 def _spell(program: str, key: str, where: str) -> str:

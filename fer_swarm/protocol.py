@@ -51,13 +51,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ProtocolError
 
 __all__ = [
-    "MAX_CROPS", "MAX_HEADER_BYTES", "PROTOCOL_TAG", "Command", "CorrelationId", "ModelInfo", "Message",
+    "MAX_CROPS", "MAX_HEADER_BYTES", "MAX_INT", "PROTOCOL_TAG", "Command", "CorrelationId", "ModelInfo", "Message",
     "Hello", "Welcome", "Ready", "Job", "FaceResult", "Result", "Heartbeat", "Disconnect", "Expired", "Busy", "Error",
     "encode", "decode", "encode_routed", "decode_routed", "error_reply",
 ]
 
 PROTOCOL_TAG = b"fer-swarm/2"
 MAX_HEADER_BYTES = 8192
+MAX_INT = 2**53 - 1  # integers in headers stay exact in every JSON parser (JavaScript, C# double)
 MAX_CROPS = 16  # crops in one JOB; a RESULT for 16 faces of a 7-class model stays well under the header limit
 MAX_REASON_CHARS = 500
 _TAG_PREFIX = b"fer-swarm/"
@@ -89,12 +90,12 @@ class CorrelationId(_Frozen):
     that come back in any order can be matched to the face they answer.
     """
 
-    # Printable ASCII, so 64 characters are at most 128 bytes of JSON and a RESULT for MAX_CROPS
-    # faces always fits the header limit: every JOB that decodes can be answered.
+    # Printable ASCII (at most 128 bytes of JSON) and integers up to MAX_INT, so any reply naming
+    # MAX_CROPS ids, a RESULT included, fits the header limit: every JOB that decodes can be answered.
     stream: str = Field(min_length=1, max_length=64, pattern=r"^[ -~]+$",
                         description="client-chosen stream name, printable ASCII")
-    frame: int = Field(ge=0, description="frame number within the stream")
-    face: int = Field(ge=0, description="face index within the frame")
+    frame: int = Field(ge=0, le=MAX_INT, description="frame number within the stream")
+    face: int = Field(ge=0, le=MAX_INT, description="face index within the frame")
 
     def key(self) -> tuple[str, int, int]:
         """``(stream, frame, face)``, for dicts and sorting."""
@@ -166,7 +167,7 @@ class _JobHeader(_Frozen):
     width_px: int = Field(ge=1, le=4096, description="width of every crop in the JOB")
     height_px: int = Field(ge=1, le=4096, description="height of every crop in the JOB")
     encoding: Literal["gray8"] = "gray8"
-    job: int | None = Field(None, ge=0, description="broker's job number; set by the broker, not clients")
+    job: int | None = Field(None, ge=0, le=MAX_INT, description="broker's job number; set by the broker, not clients")
 
     _ids_unique = field_validator("ids")(_unique_ids)
 
@@ -210,7 +211,7 @@ class Result(_Frozen):
     """Worker -> broker -> client: the classification of every crop of one JOB."""
 
     command: ClassVar[Command] = Command.RESULT
-    job: int | None = Field(None, ge=0)
+    job: int | None = Field(None, ge=0, le=MAX_INT)
     model: str = Field(min_length=3, max_length=129, description='"name:version" of the model used')
     worker: str = Field(min_length=1, max_length=64)
     faces: tuple[FaceResult, ...] = Field(min_length=1, max_length=MAX_CROPS, description="one per crop of the JOB")
@@ -242,7 +243,7 @@ class Disconnect(_Frozen):
 class _JobFailure(_Frozen):
     ids: tuple[CorrelationId, ...] = Field(max_length=MAX_CROPS,
                                            description="the JOB's ids; empty when they could not be read")
-    job: int | None = Field(None, ge=0)
+    job: int | None = Field(None, ge=0, le=MAX_INT)
     reason: str = Field(max_length=MAX_REASON_CHARS)
 
     _ids_unique = field_validator("ids")(_unique_ids)
@@ -461,7 +462,7 @@ def _salvage(header: bytes) -> tuple[tuple[CorrelationId, ...], int | None]:
         return (), None
     try:
         data = json.loads(header)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         return (), None
     if not isinstance(data, dict):
         return (), None
@@ -473,7 +474,7 @@ def _salvage(header: bytes) -> tuple[tuple[CorrelationId, ...], int | None]:
     except (TypeError, ValueError):  # not a list, an invalid id, or repeated ids
         ids = ()
     job = data.get("job")
-    if type(job) is not int or job < 0:
+    if type(job) is not int or not 0 <= job <= MAX_INT:
         job = None
     return ids, job
 

@@ -72,7 +72,7 @@ json_values = st.recursive(
 # CorrelationId-shaped JSON, valid or just off: empty or over-long streams, negative or huge numbers.
 cid_json = st.fixed_dictionaries({
     "stream": st.sampled_from(["fuzz", "", "x" * 65, "\x00", "\U0001F600" * 64]) | st.text(max_size=8),
-    "frame": st.sampled_from([0, 1, -1, 2**63, 2**70]) | st.integers(0, 3),
+    "frame": st.sampled_from([0, 1, -1, 2**53 - 1, 2**53, 2**63, 2**70, 10**400]) | st.integers(0, 3),
     "face": st.integers(-1, 3),
 })
 # Arrays of ids: empty, repeated (faces drawn from a small range), up to 17 long, or not an array at all.

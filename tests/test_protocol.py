@@ -13,6 +13,7 @@ from fer_swarm.errors import ProtocolError
 from fer_swarm.protocol import (
     MAX_CROPS,
     MAX_HEADER_BYTES,
+    MAX_INT,
     PROTOCOL_TAG,
     Busy,
     Command,
@@ -168,8 +169,8 @@ def test_result_ids_are_its_faces_ids_in_order() -> None:
 
 def _widest_result(stream: str) -> Result:
     """A RESULT for MAX_CROPS faces of the 7-label model with every field as wide as it prints:
-    the longest names, 64-bit numbers, probabilities and times that print with every digit."""
-    big = 2**63 - 1
+    the longest names, the largest numbers, probabilities and times that print with every digit."""
+    big = MAX_INT
     faces = tuple(
         FaceResult(
             id=CorrelationId(stream=stream, frame=big, face=big - i),
@@ -194,11 +195,16 @@ def test_every_job_that_decodes_can_be_answered_with_a_result() -> None:
         CorrelationId(stream="\U0001F600" * 64, frame=0, face=0)
     with pytest.raises(pydantic.ValidationError, match="stream"):  # JSON writes a control character as 6 bytes
         CorrelationId(stream="\x01" * 64, frame=0, face=0)
+    with pytest.raises(pydantic.ValidationError, match="frame"):  # hundreds of digits would overflow replies
+        CorrelationId(stream="s", frame=MAX_INT + 1, face=0)
     stream = '"\\' * 32  # the widest printable ASCII in JSON: every character escaped
-    job = _job(ids=tuple(CorrelationId(stream=stream, frame=2**63 - 1, face=i) for i in range(MAX_CROPS)),
-               width_px=1, height_px=1, payloads=(b"x",) * MAX_CROPS, job=2**63 - 1)
-    assert decode(encode(job)) == job
-    encode(_widest_result(stream))
+    ids = tuple(CorrelationId(stream=stream, frame=MAX_INT, face=MAX_INT - i) for i in range(MAX_CROPS))
+    client_job = Job.model_construct(ids=ids, deadline_ms=600_000, width_px=1, height_px=1, encoding="gray8",
+                                     job=MAX_INT, payloads=(b"x",) * MAX_CROPS)
+    # Everything the broker or a worker may send about this JOB fits the header limit.
+    for msg in (client_job, _widest_result(stream),
+                *(cls(ids=ids, job=MAX_INT, reason="r" * 500) for cls in (Expired, Busy, Error))):
+        assert len(encode(msg)[2]) <= MAX_HEADER_BYTES, type(msg).__name__
 
 
 def test_decode_accepts_bytes_like_frames() -> None:

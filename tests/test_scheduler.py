@@ -183,3 +183,16 @@ def test_crops_of_another_size_than_the_pools_model_are_answered_error_at_once(s
     _, reply = sched.submit(b"c", odd.model_copy(update={"ids": (p.CorrelationId(stream="c", frame=1, face=0),)}), 0.0)
     assert isinstance(reply, p.Error) and "64x64" in reply.reason and "48x48" in reply.reason
     assert sched.queued == 1
+
+
+def test_a_forgotten_client_coming_back_is_not_charged_for_its_old_jobs(sched):
+    sched.register(b"w", ready("w", 2), 0.0)
+    sched.submit(b"c", job("c", 0), 0.0)
+    (_, old), = sched.dispatch(0.0)[0]
+    sched.drop_client(b"c")  # e.g. it stopped reading; the same identity then sends again
+    sched.submit(b"c", job("c", 1), 0.1)
+    (_, new), = sched.dispatch(0.1)[0]
+    assert sched.complete(b"w", old.job) is None  # the old job's answer is late: its client was forgotten
+    assert sched.clients[b"c"].inflight == 1 and not sched.clients[b"c"].idle
+    assert sched.complete(b"w", new.job) is not None
+    assert sched.clients[b"c"].inflight == 0

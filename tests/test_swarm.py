@@ -238,6 +238,48 @@ def test_malformed_client_messages_get_errors_and_broker_lives(ctx, broker):
         w.stop()
 
 
+def test_a_failing_inference_answers_the_whole_job_error_and_the_threads_live_on(ctx, broker):
+    w = WorkerThread(ctx, broker.backend, threads=2, name="flaky")
+    c = Client(ctx, broker.frontend)
+    try:
+        c.welcome()
+        clfs = w.worker.pool._classifiers
+
+        def fail(crop):
+            raise RuntimeError("delegate exploded: " + "x" * 2000)  # longer than a reason may be
+
+        for clf in clfs:
+            clf.predict = fail
+        ids = c.frame_job(1, real_faces(4))  # split over both threads, both fail
+        (r,) = c.collect(1)
+        assert isinstance(r, p.Error) and r.ids == ids and "delegate exploded" in r.reason
+        assert len(r.reason) <= p.MAX_REASON_CHARS
+        for clf in clfs:
+            del clf.predict  # the class's own method again
+        ids = c.frame_job(2, real_faces(4))
+        (r,) = c.collect(1)
+        assert isinstance(r, p.Result) and r.ids == ids
+    finally:
+        c.close()
+        w.stop()
+
+
+def test_a_job_naming_the_largest_ids_gets_its_reply_and_the_broker_lives(ctx, broker):
+    c = Client(ctx, broker.frontend, stream='"\\' * 32)  # JSON escapes every character: the widest stream
+    try:
+        ids = tuple(p.CorrelationId(stream=c.stream, frame=p.MAX_INT, face=p.MAX_INT - i) for i in range(p.MAX_CROPS))
+        c.send(p.Job(ids=ids, deadline_ms=50, width_px=1, height_px=1, payloads=(b"x",) * p.MAX_CROPS))
+        r = c.recv(3)  # no worker: it expires in the queue, and the EXPIRED names all sixteen ids
+        assert isinstance(r, p.Expired) and r.ids == ids
+        c.send_raw([p.PROTOCOL_TAG, b"JOB", b'{"ids":[{"stream":"s","frame":%d,"face":0}],"deadline_ms":50,'
+                    b'"width_px":1,"height_px":1}' % (p.MAX_INT + 1), b"x"])
+        r = c.recv(3)
+        assert isinstance(r, p.Error) and "frame" in r.reason
+        assert broker.thread.is_alive()
+    finally:
+        c.close()
+
+
 def test_worker_answers_malformed_and_wrong_size_jobs_and_lives(ctx):
     router = ctx.socket(zmq.ROUTER)
     router.linger = 0

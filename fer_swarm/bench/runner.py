@@ -212,7 +212,7 @@ def run_point(point: Point, *, window_s: float, max_windows: int) -> Measured:
             worker_back = relayed(back)
             args = ["--threads", str(point.threads), "--capacity", str(point.capacity)]  # 0: the worker's default
             if point.echo:
-                args.append("--echo")
+                args += ["--echo", "--echo-crop-px", str(point.crop_px)]  # announce the crops the clients send
             if point.service_ms:
                 args += ["--service-time-ms", str(point.service_ms)]
             for i in range(point.workers):

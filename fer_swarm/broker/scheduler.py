@@ -45,6 +45,7 @@ Reply = tuple[bytes, p.Message]  # (client identity, message to send it)
 class PendingJob:
     job: int
     client: bytes
+    owner: ClientState  # the client state it was queued under: a client forgotten and back is a new one
     msg: p.Job
     deadline: float  # monotonic seconds
     size: int = 0  # bytes of pixels it holds
@@ -146,6 +147,8 @@ class Scheduler:
         if state.queue:
             self._turns.remove(identity)
         state.queue.clear()
+        # Its jobs at workers keep pointing at this state, not at a new one for the same identity,
+        # so their late answers are dropped and never count against a newcomer.
         log.debug("client %s dropped", identity.hex())
 
     def submit(self, identity: bytes, msg: p.Job, now: float) -> Reply | None:
@@ -168,7 +171,7 @@ class Scheduler:
             return self._busy(identity, msg, "this client's queue is full")
         deadline_ms = min(msg.deadline_ms, self.settings.max_deadline_ms)
         self._next_job += 1
-        job = PendingJob(self._next_job, identity, msg, now + deadline_ms / 1000, size)
+        job = PendingJob(self._next_job, identity, state, msg, now + deadline_ms / 1000, size)
         if not state.queue:
             self._turns.append(identity)
         state.queue.append(job)
@@ -216,12 +219,10 @@ class Scheduler:
         log.info("worker %s lost (%s) with %d job(s) in flight", state.name, why, len(state.inflight))
         replies: list[Reply] = []
         for job in state.inflight.values():
-            client = self.clients.get(job.client)
-            if job.answered or client is None:
-                if client is not None:
-                    client.inflight -= 1
-                continue
+            client = job.owner
             client.inflight -= 1
+            if job.answered or self.clients.get(job.client) is not client:
+                continue
             if job.attempts == 0 and job.remaining_ms(now) >= self.settings.redispatch_min_ms:
                 job.attempts += 1
                 self.counters.redispatched += 1
@@ -254,11 +255,9 @@ class Scheduler:
         job = state.inflight.pop(job_id, None) if state is not None and job_id is not None else None
         if job is None:
             return None
-        client = self.clients.get(job.client)
-        if client is not None:
-            client.inflight -= 1
-        if job.answered or client is None:
-            self.counters.late_results += 1
+        job.owner.inflight -= 1
+        if job.answered or self.clients.get(job.client) is not job.owner:
+            self.counters.late_results += 1  # already answered, or its client was forgotten meanwhile
             return None
         job.answered = True
         return job

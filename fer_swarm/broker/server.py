@@ -116,7 +116,10 @@ class Broker:
                     self._drain(self.backend, self._on_worker)
                 if self.frontend in events:
                     self._drain(self.frontend, self._on_client)
-                self._tick(time.monotonic())
+                try:
+                    self._tick(time.monotonic())
+                except Exception:  # as in _drain: a bug may cost a reply, never the broker
+                    log.exception("internal error in the broker's timed work")
         finally:
             self._say_goodbye()
             log.info("broker stopped: %s", self.scheduler.counters)

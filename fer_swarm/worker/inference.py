@@ -52,8 +52,10 @@ class Task:
 
 class InferencePool:
     def __init__(self, ctx: zmq.Context, results_endpoint: str, model_path, card: ModelCard, threads: int,
-                 worker_name: str, service_time_ms: float = 0.0, *, echo: bool = False):
+                 worker_name: str, service_time_ms: float = 0.0, *, echo: bool = False,
+                 crop_size: tuple[int, int] | None = None):
         self.card = card
+        self.crop_size = crop_size or (card.preprocessing.width_px, card.preprocessing.height_px)  # (w, h) taken
         self.service_time_s = service_time_ms / 1000
         self.echo = echo
         self.worker_name = worker_name
@@ -100,7 +102,11 @@ class InferencePool:
         push.connect(self._endpoint)
         try:
             while (task := self.tasks.get()) is not None:
-                frames = self._run_part(clf, task)
+                try:
+                    frames = self._run_part(clf, task)
+                except Exception:  # a bug must cost one reply, never the thread
+                    log.exception("internal error in an inference thread")
+                    continue
                 if frames:
                     # inproc PUSH to our own I/O thread: never full for long, so blocking here is fine.
                     push.send_multipart([task.answer.generation.to_bytes(8, "big"), *frames], copy=True)
@@ -118,18 +124,21 @@ class InferencePool:
                             probabilities={label: (1.0 if i == 0 else 0.0) for i, label in enumerate(labels)})
 
     def _run_part(self, clf: Classifier, task: Task) -> list[bytes] | None:
-        """Run one part; the frames of the JOB's reply if this was its last part to finish, else None."""
+        """Run one part; the frames of the JOB's reply if this was its last part to finish, else None.
+
+        Whatever fails here, the part is counted done, so the JOB still gets its one reply.
+        """
         answer = task.answer
         faces: list[p.FaceResult] = []
-        failure = answer.failure or self._refusal(clf, answer)  # another part's failure spares this work
-        if failure is None:
-            try:
+        try:
+            failure = answer.failure or self._refusal(answer)  # another part's failure spares this work
+            if failure is None:
                 faces = [self._classify(clf, answer.msg.ids[i], answer.msg.payloads[i])
                          for i in range(task.start, task.stop)]
-            except Exception as e:  # the JOB still gets its one reply, and the thread lives on
-                if not isinstance(e, (ModelError, ValueError)):
-                    log.exception("inference failed on job %s", answer.msg.job)
-                failure = p.Error(ids=answer.msg.ids, job=answer.msg.job, reason=f"inference failed: {e}")
+        except Exception as e:
+            if not isinstance(e, (ModelError, ValueError)):
+                log.exception("inference failed on job %s", answer.msg.job)
+            failure = p.error_reply(p.Error, f"inference failed: {e}", ids=answer.msg.ids, job=answer.msg.job)
         with answer.lock:
             if failure is not None:
                 answer.failure = answer.failure or failure
@@ -138,23 +147,26 @@ class InferencePool:
             answer.parts -= 1
             if answer.parts:
                 return None
+        return self._reply(answer)
+
+    def _reply(self, answer: _Answer) -> list[bytes]:
+        """The frames of a finished JOB's one reply."""
         job = answer.msg
-        if answer.failure is not None:
-            return p.encode(answer.failure)
         try:
-            return p.encode(p.Result(job=job.job, model=self.card.model_id, worker=self.worker_name,
-                                     faces=tuple(answer.faces)))
-        except ProtocolError as e:  # a header past the limit: a model with very many classes
+            return p.encode(answer.failure or p.Result(job=job.job, model=self.card.model_id,
+                                                       worker=self.worker_name, faces=tuple(answer.faces)))
+        except (ProtocolError, ValueError) as e:  # e.g. a model whose labels make the header too long
+            log.exception("reply to job %s cannot be sent", job.job)
             return p.encode(p.error_reply(p.Error, f"result cannot be sent: {e}", ids=job.ids, job=job.job))
 
-    def _refusal(self, clf: Classifier, answer: _Answer) -> p.Message | None:
-        """EXPIRED or ERROR for a JOB that must not run: past its deadline, or crops of the wrong size."""
+    def _refusal(self, answer: _Answer) -> p.Message | None:
+        """EXPIRED or ERROR for a JOB that must not run: past its deadline, or crops of the size not announced."""
         job = answer.msg
         waited_ms = (time.monotonic() - answer.received) * 1000
         if waited_ms >= job.deadline_ms:
             return p.Expired(ids=job.ids, job=job.job,
                              reason=f"deadline passed after {waited_ms:.0f} ms in the worker's queue")
-        want = clf.crop_size
+        want = self.crop_size
         if (job.width_px, job.height_px) != want:
             return p.Error(ids=job.ids, job=job.job,
                            reason=f"crop is {job.width_px}x{job.height_px}, model {self.card.model_id} takes {want[0]}x{want[1]}")

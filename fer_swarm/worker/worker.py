@@ -48,7 +48,8 @@ class Worker:
         self._results.linger = 0
         self._results.bind(self._results_endpoint)
         self.pool = InferencePool(self.ctx, self._results_endpoint, self.model_path, self.card, settings.threads,
-                                  self.name, settings.service_time_ms, echo=settings.echo)
+                                  self.name, settings.service_time_ms, echo=settings.echo,
+                                  crop_size=(self.model_info.width_px, self.model_info.height_px))
         self._stop = threading.Event()
         self._sock: zmq.Socket | None = None
         self.generation = 0
@@ -58,8 +59,11 @@ class Worker:
     @property
     def model_info(self) -> p.ModelInfo:
         c = self.card
+        # An echo worker may stand in for a model of another crop size (the broker-alone benchmark).
+        width, height = ((self.settings.echo_crop_px,) * 2 if self.settings.echo_crop_px
+                         else (c.preprocessing.width_px, c.preprocessing.height_px))
         return p.ModelInfo(name=c.name, version=c.version, input_shape=c.input_shape, labels=c.labels,
-                           width_px=c.preprocessing.width_px, height_px=c.preprocessing.height_px)
+                           width_px=width, height_px=height)
 
     def stop(self) -> None:
         self._stop.set()
