@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from fer_swarm.bench.runner import _wait_for_workers
+from fer_swarm.bench.runner import wait_for_workers
 from fer_swarm.launch import free_port, spawn
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -63,7 +63,7 @@ def main() -> None:
     procs = [spawn("broker", "--frontend", front, "--backend", back)]
     try:
         procs.append(spawn("worker", "--broker", back, "--threads", "1"))
-        _wait_for_workers(front, 1)
+        wait_for_workers(front, 1)
         for faces in (int(f) for f in args.faces.split(",")):
             print(json.dumps(measure(front, procs[0].pid, procs[1].pid, faces, args)), flush=True)
     finally:

@@ -173,7 +173,7 @@ def _wait_for_port(port: int, timeout_s: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def _wait_for_workers(frontend: str, workers: int) -> None:
+def wait_for_workers(frontend: str, workers: int) -> None:
     from .load import LoadClient
 
     ctx = zmq.Context()
@@ -217,7 +217,7 @@ def run_point(point: Point, *, window_s: float, max_windows: int) -> Measured:
                 args += ["--service-time-ms", str(point.service_ms)]
             for i in range(point.workers):
                 process("worker", "--broker", f"tcp://127.0.0.1:{worker_back}", "--name", f"w{i}", *args)
-            _wait_for_workers(f"tcp://127.0.0.1:{front}", point.workers)
+            wait_for_workers(f"tcp://127.0.0.1:{front}", point.workers)
             target = f"tcp://127.0.0.1:{relayed(front)}"
         elif point.kind == "prototype":
             port = free_port()
