@@ -38,7 +38,8 @@ def measure(front: str, broker: int, worker: int, faces: int, args) -> dict:
            "--faces-per-job", str(faces), "--stream", f"cpu-{faces}"]
     client = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
-        lines = [json.loads(client.stdout.readline()) for _ in range(2)]  # warm-up windows, not counted
+        for _ in range(2):  # warm-up windows, not counted
+            client.stdout.readline()
         pids = (broker, worker, client.pid)
         before = [cpu_s(p) for p in pids]
         lines = [json.loads(client.stdout.readline()) for _ in range(args.windows)]

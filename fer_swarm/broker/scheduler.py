@@ -48,7 +48,7 @@ class PendingJob:
     owner: ClientState  # the client state it was queued under: a client forgotten and back is a new one
     msg: p.Job
     deadline: float  # monotonic seconds
-    size: int = 0  # bytes of pixels it holds
+    size: int  # bytes of pixels it holds
     attempts: int = 0
     answered: bool = False
 

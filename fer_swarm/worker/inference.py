@@ -52,10 +52,9 @@ class Task:
 
 class InferencePool:
     def __init__(self, ctx: zmq.Context, results_endpoint: str, model_path, card: ModelCard, threads: int,
-                 worker_name: str, service_time_ms: float = 0.0, *, echo: bool = False,
-                 crop_size: tuple[int, int] | None = None):
+                 worker_name: str, crop_size: tuple[int, int], service_time_ms: float = 0.0, *, echo: bool = False):
         self.card = card
-        self.crop_size = crop_size or (card.preprocessing.width_px, card.preprocessing.height_px)  # (w, h) taken
+        self.crop_size = crop_size  # (width, height) the worker announced: JOBs of another size are refused
         self.service_time_s = service_time_ms / 1000
         self.echo = echo
         self.worker_name = worker_name

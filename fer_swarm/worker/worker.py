@@ -47,9 +47,10 @@ class Worker:
         self._results = self.ctx.socket(zmq.PULL)
         self._results.linger = 0
         self._results.bind(self._results_endpoint)
+        info = self.model_info
         self.pool = InferencePool(self.ctx, self._results_endpoint, self.model_path, self.card, settings.threads,
-                                  self.name, settings.service_time_ms, echo=settings.echo,
-                                  crop_size=(self.model_info.width_px, self.model_info.height_px))
+                                  self.name, (info.width_px, info.height_px), settings.service_time_ms,
+                                  echo=settings.echo)
         self._stop = threading.Event()
         self._sock: zmq.Socket | None = None
         self.generation = 0
