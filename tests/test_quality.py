@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fer_swarm.bench.clips import clip_is_current, make_clip
-from fer_swarm.bench.quality import ceiling, match_frame, read_jsonl, score
+from fer_swarm.bench.quality import ideal_labels, match_frame, read_jsonl, score
 from fer_swarm.samples import read_clip
 
 from .conftest import FER2013
@@ -60,7 +60,9 @@ def hand_worked_clip():
 
 def test_score_by_hand():
     truth, events = hand_worked_clip()
-    r = score(truth, events, fps=10, edge_fps=29.5, ceiling=0.6)
+    # The model, given the ideal crops, gets a and c right and b wrong.
+    ideal = {"happy/a.jpg": "happy", "sad/b.jpg": "fear", "angry/c.jpg": "angry"}
+    r = score(truth, events, fps=10, edge_fps=29.5, ideal=ideal)
     # 20 face-frames; face 1 is missed in frame 3 only.
     assert r["face_frames"] == 20 and r["found"] == pytest.approx(19 / 20)
     assert r["faces_found"] == 1.0  # (1, a), (2, b), (2, c): each matched at least once
@@ -75,11 +77,12 @@ def test_score_by_hand():
     assert r["spurious_per_face_s"] == pytest.approx(4 / 2)
     # Face 2 changed at 0.5 s and was first shown angry at 0.7 s.
     assert r["truth_changes"] == 1
-    assert r["delay_ms"] == {"median": 200.0, "p90": 200.0, "followed": 1, "missed": 0}
+    assert r["delay_ms"] == r["delay_ms_model_right"] == {"median": 200.0, "p90": 200.0, "followed": 1, "missed": 0}
     assert r["false_boxes_per_frame"] == pytest.approx(0.1)
     # 20 events; the UNSENT one was never sent, the TIMEOUT one was.
     assert r["faces_sent"] == 19 and r["faces_sent_per_s"] == 19.0
-    assert (r["edge_fps"], r["ceiling"]) == (29.5, 0.6)
+    # Right on the ideal crop in 15 of 20 face-frames (b is shown in 5).
+    assert (r["edge_fps"], r["ceiling"]) == (29.5, 0.75)
 
 
 def test_delay_counts_a_change_never_followed_before_the_next_one_as_missed():
@@ -87,8 +90,13 @@ def test_delay_counts_a_change_never_followed_before_the_next_one_as_missed():
     shown = ["sad"] * 3 + ["sad"] * 3 + ["angry", "happy", "happy", "happy"]  # angry only after the next change
     truth = [{"frame": f, "time_s": f / 10, "faces": [{**B, "label": labels[f]}]} for f in range(10)]
     events = [ev(f, [205, 5, 90, 90], shown[f]) for f in range(10)]
-    r = score(truth, events, fps=10)
+    # The model gets the angry face wrong on its ideal crop: that change cannot count against the edge.
+    ideal = {"sad/b.jpg": "sad", "angry/b.jpg": "fear", "happy/b.jpg": "happy"}
+    for f in range(10):
+        truth[f]["faces"][0]["image"] = f"{labels[f]}/b.jpg"
+    r = score(truth, events, fps=10, ideal=ideal)
     assert r["delay_ms"] == {"median": 100.0, "p90": 100.0, "followed": 1, "missed": 1}
+    assert r["delay_ms_model_right"] == {"median": 100.0, "p90": 100.0, "followed": 1, "missed": 0}
     # sad -> angry comes after a change of truth but is not the current truth: spurious;
     # angry -> happy is the current truth after a change: explained.
     assert r["changes_per_face_s"] == pytest.approx(2 / 1) and r["spurious_per_face_s"] == pytest.approx(1 / 1)
@@ -103,6 +111,10 @@ def test_events_with_tracks_and_a_relabel_budget():
     r = score(truth, events, fps=10)
     assert r["shown_correct"] == 1.0 and r["changes_per_face_s"] == 0.0
     assert r["faces_sent"] == 2 and r["faces_sent_per_s"] == 5.0
+    # The edge's own flag, where it writes one, wins: sent in frame 1 but not yet answered.
+    for e, sent in zip(events, [True, True, False, True]):
+        e["sent"] = sent
+    assert score(truth, events, fps=10)["faces_sent"] == 3
 
 
 def test_no_events_at_all():
@@ -110,6 +122,7 @@ def test_no_events_at_all():
     r = score(truth, [], fps=10)
     assert (r["found"], r["shown_correct"], r["accuracy"]) == (0.0, 0.0, None)
     assert r["delay_ms"]["missed"] == 1 and r["delay_ms"]["median"] is None
+    assert r["delay_ms_model_right"] is None and r["ceiling"] is None  # no model labels given
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +188,25 @@ def test_changing_clip_swaps_expression_in_place(val, tmp_path):
     # The same seed gives the same clip.
     again = make_clip(tmp_path / "again", "changing", val, seed=1, seconds=1.5)
     assert again.truth.read_text() == clip.truth.read_text()
-    # The model on the ideal crops of these faces: a ceiling between chance and perfect.
-    top = ceiling(truth, val)
-    assert top is not None and 0.0 <= top <= 1.0
+    # The real model on the ideal crops of these faces: one of its labels for each.
+    ideal = ideal_labels(truth, val)
+    assert set(ideal) == {f["image"] for line in truth for f in line["faces"]}
+    assert set(ideal.values()) <= {"angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"}
+    assert 0.0 <= score(truth, [], fps=30, ideal=ideal)["ceiling"] <= 1.0
+
+
+def test_an_edge_that_shows_the_truth_scores_perfectly(val, tmp_path, capsys):
+    from fer_swarm.bench.quality import main
+
+    clip = make_clip(tmp_path, "changing", val, seed=5, seconds=1.0)
+    events = tmp_path / "events.jsonl"
+    with open(events, "w") as f:
+        for line in read_jsonl(clip.truth):
+            for face in line["faces"]:
+                f.write(json.dumps(ev(line["frame"], face["box"], face["label"], track=face["id"])) + "\n")
+    main([str(clip.truth), str(events), "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert (r["found"], r["faces_found"], r["accuracy"], r["shown_correct"]) == (1.0, 1.0, 1.0, 1.0)
+    assert r["spurious_per_face_s"] == 0.0 and r["false_boxes_per_frame"] == 0.0
+    assert r["truth_changes"] >= 4 and r["delay_ms"]["median"] == 0.0 and r["delay_ms"]["missed"] == 0
+    assert r["changes_per_face_s"] == pytest.approx(r["truth_changes"] / 4, abs=0.01)  # 4 faces x 1 s

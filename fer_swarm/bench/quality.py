@@ -27,7 +27,10 @@ Figures (all per clip):
   new one: median, p90, and ``missed`` changes never followed;
 - ``false_boxes_per_frame``: events matched to no truth face;
 - ``ceiling``: the model's accuracy on the very same crops, unframed by any
-  detector (the source images), weighted per face-frame like ``accuracy``.
+  detector (the source images), weighted per face-frame like ``accuracy``;
+  ``delay_ms_model_right``: the delay over only the changes to a face the
+  model gets right on its ideal crop, the edge's own lag apart from the
+  model's mistakes (a change the model cannot see can never be followed).
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ import math
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["ceiling", "match_frame", "print_table", "read_jsonl", "score", "score_files", "sent_faces"]
+__all__ = ["ideal_labels", "match_frame", "print_table", "read_jsonl", "score", "score_files", "sent_faces"]
 
 MIN_SIDE, MAX_SIDE = 0.3, 2.0  # an event box's side, as a multiple of the truth square's, to count as a match
 
@@ -106,32 +109,39 @@ def _label_changes(track: list[tuple[str, str | None]]) -> tuple[int, int]:
     return changes, spurious
 
 
-def _delays(track: list[tuple[float, str, str | None]]) -> tuple[list[float], int]:
-    """Seconds from each change of true label to the first frame showing the new label before the
-    next change, and the number of changes never followed. ``track``: (time_s, true, shown) per frame."""
+def _delays(track: list[tuple[float, str, str | None, str]]) -> list[tuple[str, str, float | None]]:
+    """For each change of true label along one id's frames: the new face's image and label, and the
+    seconds until the first frame (before the next change) that shows the new label, or None if none does.
+    ``track``: (time_s, true label, shown label or None, image) per frame."""
     starts = [i for i in range(1, len(track)) if track[i][1] != track[i - 1][1]]
-    delays, missed = [], 0
+    out = []
     for k, start in enumerate(starts):
         end = starts[k + 1] if k + 1 < len(starts) else len(track)
-        t0, new = track[start][0], track[start][1]
+        t0, new, _, image = track[start]
         hit = next((track[i][0] for i in range(start, end) if track[i][2] == new), None)
-        if hit is None:
-            missed += 1
-        else:
-            delays.append(hit - t0)
-    return delays, missed
+        out.append((image, new, None if hit is None else hit - t0))
+    return out
+
+
+def _delay_figures(delays: list[float | None]) -> dict[str, Any]:
+    followed = [d for d in delays if d is not None]
+    pct = (lambda q: round(float(np.percentile(followed, q)) * 1000, 1)) if followed else (lambda q: None)
+    return {"median": pct(50), "p90": pct(90), "followed": len(followed), "missed": len(delays) - len(followed)}
 
 
 def sent_faces(events: Iterable[dict]) -> int:
-    """Faces the edge sent for inference, as far as its events tell: a face with its own answer in
-    that frame (``raw_label`` where the edge writes it, else ``label``) or a reply error; not the
-    faces it could not send (``UNSENT``), nor, with a relabel budget, those it did not send."""
+    """Faces the edge sent for inference in the frames of these events. The edge's own ``sent`` flag
+    where it writes one; otherwise (older edges, which sent every face of every frame) a face with
+    an answer of its own (``raw_label`` if present, else ``label``) or a reply error, but not one it
+    could not send (``UNSENT``)."""
     n = 0
     for e in events:
+        if "sent" in e:
+            n += bool(e["sent"])
+            continue
         own = e["raw_label"] if "raw_label" in e else e.get("label")
         error = e.get("error")
-        if own is not None or (error is not None and not str(error).startswith("UNSENT")):
-            n += 1
+        n += own is not None or (error is not None and not str(error).startswith("UNSENT"))
     return n
 
 
@@ -140,10 +150,13 @@ def _ratio(a: float, b: float, digits: int = 4) -> float | None:
 
 
 def score(truth: Sequence[dict], events: Sequence[dict], *, fps: float, edge_fps: float | None = None,
-          ceiling: float | None = None) -> dict[str, Any]:
+          ideal: Mapping[str, str] | None = None) -> dict[str, Any]:
     """The figures of one run: ``truth`` as the lines of a truth file, ``events`` as the edge's lines.
 
-    Events of frames the truth does not have are counted as false boxes of no frame (``unscored_events``).
+    ``ideal`` (from :func:`ideal_labels`: image -> the model's label on that very crop) adds the
+    ``ceiling`` and ``delay_ms_model_right``, the delay over the changes to a face the model labels
+    right when given its ideal crop: the lag of the edge itself, apart from the model's mistakes.
+    Events of frames the truth does not have are not scored; they are counted in ``unscored_events``.
     """
     by_frame: dict[int, list[dict]] = defaultdict(list)
     for e in events:
@@ -151,7 +164,8 @@ def score(truth: Sequence[dict], events: Sequence[dict], *, fps: float, edge_fps
     face_frames = matched_frames = labelled = correct = false_boxes = 0
     seen: set[tuple[int, str]] = set()
     found: set[tuple[int, str]] = set()
-    tracks: dict[int, list[tuple[float, str, str | None]]] = defaultdict(list)
+    tracks: dict[int, list[tuple[float, str, str | None, str]]] = defaultdict(list)
+    ideal_right = ideal_frames = 0
     for line in truth:
         faces, frame_events = line["faces"], by_frame.pop(int(line["frame"]), [])
         matched = match_frame(faces, frame_events)
@@ -168,19 +182,20 @@ def score(truth: Sequence[dict], events: Sequence[dict], *, fps: float, edge_fps
                 if shown is not None:
                     labelled += 1
                     correct += shown == face["label"]
-            tracks[face["id"]].append((float(line["time_s"]), face["label"], shown))
-    changes = spurious = missed = 0
-    delays: list[float] = []
+            tracks[face["id"]].append((float(line["time_s"]), face["label"], shown, face["image"]))
+            if ideal is not None and face["image"] in ideal:
+                ideal_frames += 1
+                ideal_right += ideal[face["image"]] == face["label"]
+    changes = spurious = 0
+    delays: list[tuple[str, str, float | None]] = []
     for track in tracks.values():
-        c, s = _label_changes([(true, shown) for _, true, shown in track])
+        c, s = _label_changes([(true, shown) for _, true, shown, _ in track])
         changes, spurious = changes + c, spurious + s
-        d, m = _delays(track)
-        delays += d
-        missed += m
+        delays += _delays(track)
     face_s = face_frames / fps
     frames = len(truth)
-    pct = (lambda q: round(float(np.percentile(delays, q)) * 1000, 1)) if delays else (lambda q: None)
     sent = sent_faces(events)
+    model_right = [d for image, label, d in delays if ideal is not None and ideal.get(image) == label]
     return {
         "frames": frames,
         "face_frames": face_frames,
@@ -191,44 +206,36 @@ def score(truth: Sequence[dict], events: Sequence[dict], *, fps: float, edge_fps
         "shown_correct": _ratio(correct, face_frames),
         "changes_per_face_s": _ratio(changes, face_s, 3),
         "spurious_per_face_s": _ratio(spurious, face_s, 3),
-        "truth_changes": len(delays) + missed,
-        "delay_ms": {"median": pct(50), "p90": pct(90), "followed": len(delays), "missed": missed},
+        "truth_changes": len(delays),
+        "delay_ms": _delay_figures([d for _, _, d in delays]),
+        "delay_ms_model_right": _delay_figures(model_right) if ideal is not None else None,
         "false_boxes_per_frame": _ratio(false_boxes, frames, 3),
         "unscored_events": sum(len(v) for v in by_frame.values()),
         "edge_fps": edge_fps,
         "faces_sent": sent,
         "faces_sent_per_s": _ratio(sent, frames / fps, 1),
-        "ceiling": ceiling,
+        "ceiling": _ratio(ideal_right, ideal_frames),
     }
 
 
-def ceiling(truth: Sequence[dict], source: str | Path, model: str | Path | None = None) -> float | None:
-    """The model's accuracy on the clip's own source crops, weighted by the face-frames each is shown in.
-
-    What a perfect detector and a perfect crop would give: the gap to ``accuracy`` is what framing and
-    detection lose. Faces whose image cannot be read are left out; None if none could be.
-    """
+def ideal_labels(truth: Sequence[dict], source: str | Path, model: str | Path | None = None) -> dict[str, str]:
+    """The model's label for each face image of a clip, given that very crop: what a perfect detector
+    and a perfect crop would show (``model``: default, the shipped one). Unreadable images are left out."""
     import cv2
 
     from ..datasets import read_gray
     from ..model import DEFAULT_MODEL, Classifier
 
     clf = Classifier(model or DEFAULT_MODEL)
-    weights: dict[tuple[str, str], int] = defaultdict(int)
-    for line in truth:
-        for face in line["faces"]:
-            weights[(face["image"], face["label"])] += 1
-    right = total = 0
-    for (rel, label), n in weights.items():
+    labels = {}
+    for rel in sorted({face["image"] for line in truth for face in line["faces"]}):
         img = read_gray(Path(source) / rel)
         if img is None:
             continue
         if img.shape[::-1] != clf.crop_size:
             img = cv2.resize(img, clf.crop_size, interpolation=cv2.INTER_AREA)
-        predicted = clf.labels[int(np.argmax(clf.predict(np.ascontiguousarray(img))))]
-        right += n * (predicted == label)
-        total += n
-    return _ratio(right, total)
+        labels[rel] = clf.labels[int(np.argmax(clf.predict(np.ascontiguousarray(img))))]
+    return labels
 
 
 def score_files(truth_path: str | Path, events_path: str | Path, *, edge_fps: float | None = None,
@@ -237,18 +244,19 @@ def score_files(truth_path: str | Path, events_path: str | Path, *, edge_fps: fl
     truth_path = Path(truth_path)
     meta = json.loads(truth_path.with_name(truth_path.name.replace(".truth.jsonl", ".json")).read_text())
     truth = read_jsonl(truth_path)
-    top = ceiling(truth, meta["source"]) if with_ceiling else None
-    return score(truth, read_jsonl(events_path), fps=meta["fps"], edge_fps=edge_fps, ceiling=top)
+    ideal = ideal_labels(truth, meta["source"]) if with_ceiling else None
+    return score(truth, read_jsonl(events_path), fps=meta["fps"], edge_fps=edge_fps, ideal=ideal)
 
 
-COLUMNS = (  # (header, key, format): what the table shows of each run
+COLUMNS = (  # (header, key, format; None for a delay's figures): what the table shows of each run
     ("found", "found", "{:.0%}"),
     ("faces ≥1", "faces_found", "{:.0%}"),
     ("acc. found", "accuracy", "{:.2f}"),
     ("shown correct", "shown_correct", "{:.2f}"),
     ("changes /face·s", "changes_per_face_s", "{:.2f}"),
     ("spurious /face·s", "spurious_per_face_s", "{:.2f}"),
-    ("delay ms p50/p90 (missed)", None, ""),
+    ("delay ms p50/p90 (missed)", "delay_ms", None),
+    ("same, model right", "delay_ms_model_right", None),
     ("false /frame", "false_boxes_per_frame", "{:.2f}"),
     ("edge fps", "edge_fps", "{:.1f}"),
     ("faces sent /s", "faces_sent_per_s", "{:.0f}"),
@@ -256,15 +264,16 @@ COLUMNS = (  # (header, key, format): what the table shows of each run
 )
 
 
-def _cell(row: dict, key: str | None, fmt: str) -> str:
-    if key is None:
-        d = row.get("delay_ms") or {}
-        if not (d.get("followed") or d.get("missed")):
-            return "-"
-        med, p90 = (("-" if d.get(q) is None else f"{d[q]:.0f}") for q in ("median", "p90"))
-        return f"{med}/{p90} ({d['missed']})"
+def _cell(row: dict, key: str, fmt: str | None) -> str:
     value = row.get(key)
-    return "-" if value is None else fmt.format(value)
+    if value is None:
+        return "-"
+    if fmt is None:
+        if not (value["followed"] or value["missed"]):
+            return "-"
+        med, p90 = (("-" if value[q] is None else f"{value[q]:.0f}") for q in ("median", "p90"))
+        return f"{med}/{p90} ({value['missed']})"
+    return fmt.format(value)
 
 
 def print_table(rows: list[dict], title: str = "edge quality", console=None) -> None:
@@ -285,3 +294,23 @@ def print_table(rows: list[dict], title: str = "edge quality", console=None) -> 
     if console is None:  # rich assumes 80 columns when piped, which would fold every cell
         console = Console(width=None if sys.stdout.isatty() else 200)
     console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Score an edge's --events file against a clip's truth.")
+    ap.add_argument("truth", type=Path, help="NAME.truth.jsonl (NAME.json beside it)")
+    ap.add_argument("events", type=Path, help="the edge's --events file for that clip")
+    ap.add_argument("--edge-fps", type=float, default=None, help="the edge's fps, to show beside the figures")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    args = ap.parse_args(argv)
+    result = score_files(args.truth, args.events, edge_fps=args.edge_fps)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print_table([{"variant": args.events.name, "clip": args.truth.name.split(".")[0], **result}])
+
+
+if __name__ == "__main__":
+    main()
