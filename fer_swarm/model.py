@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ModelError
+from .framing import DEFAULT_FRAMINGS, Framing
 
 SIDECAR_FORMAT = "fer-swarm-model/1"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-vgg.tflite"
@@ -51,6 +52,10 @@ class ModelCard(BaseModel):
     input_dtype: str
     quantization: str
     preprocessing: Preprocessing
+    framing: dict[str, Framing] = Field(
+        default_factory=lambda: dict(DEFAULT_FRAMINGS),
+        description="per detector, how its face box maps to the crop this model was trained on",
+    )
     tflite_sha256: str
     metrics: dict[str, Any] = Field(default_factory=dict)
     dataset: dict[str, Any] = Field(default_factory=dict)

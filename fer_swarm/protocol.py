@@ -49,6 +49,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ProtocolError
+from .framing import Framing
 
 __all__ = [
     "MAX_CROPS", "MAX_HEADER_BYTES", "MAX_INT", "PROTOCOL_TAG", "Command", "CorrelationId", "ModelInfo", "Message",
@@ -112,6 +113,11 @@ class ModelInfo(_Frozen):
     width_px: int = Field(ge=1, le=4096, description="crop width a JOB must have")
     height_px: int = Field(ge=1, le=4096, description="crop height a JOB must have")
     encoding: Literal["gray8"] = "gray8"
+    framing: dict[str, Framing] = Field(
+        default_factory=dict, max_length=8,
+        description="per detector name, how its box maps to the crop the model was trained on; "
+                    "empty: the client's defaults",
+    )
 
     @field_validator("labels")
     @classmethod

@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import FerSwarmError
 from .faces import Box, crop_face, to_gray
+from .framing import DEFAULT_FRAMINGS, Framing
 
 __all__ = ["ASTRONAUT_FACE", "read_clip", "sample_clip", "sample_faces"]
 
@@ -146,11 +147,11 @@ def sample_clip(
     return path
 
 
-def sample_faces(size: tuple[int, int] = (48, 48), *, margin: float = 0.1) -> list[np.ndarray]:
-    """A few real gray face crops (width, height ``size``) made as the edge makes them:
+def sample_faces(size: tuple[int, int] = (48, 48), *, framing: Framing = DEFAULT_FRAMINGS["haar"]) -> list[np.ndarray]:
+    """A few real gray face crops (width, height ``size``) made as the edge makes them from a Haar box:
     the astronaut's face, its mirror image, and a darker and a brighter copy."""
     gray = to_gray(_astronaut_bgr())
-    face = crop_face(gray, ASTRONAUT_FACE, size, margin=margin)
+    face = crop_face(gray, ASTRONAUT_FACE, size, framing)
     darker = np.clip(face.astype(np.int16) - 40, 0, 255).astype(np.uint8)
     brighter = np.clip(face.astype(np.int16) + 40, 0, 255).astype(np.uint8)
     return [face, np.ascontiguousarray(face[:, ::-1]), darker, brighter]

@@ -23,7 +23,8 @@ def test_bench_quick_runs_every_configuration_and_writes_json_and_plot(tmp_path)
         assert {"expired", "busy", "errors", "settled", "window_throughputs"} <= set(point)
     assert {t["target"].split(",")[0] for t in report["targets"]} >= {"broker alone"}
     edge = report["edge"]
-    assert edge["full resolution"]["edge_fps"] > 0 and edge["reduced (default 480 px)"]["faces"] > 0
+    assert edge["yunet at 320 px (default)"]["edge_fps"] > 0 and edge["yunet at 320 px (default)"]["faces"] > 0
+    assert edge["haar at 480 px"]["faces"] > 0
     assert cv2.imread(str(tmp_path / "bench.png")) is not None
 
 

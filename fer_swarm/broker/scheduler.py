@@ -191,10 +191,13 @@ class Scheduler:
             self.workers[identity].last_seen = now
             return None
         pool = self.pool_model()
-        if pool is not None and (pool.labels, pool.width_px, pool.height_px) != (
-            ready.model.labels, ready.model.width_px, ready.model.height_px
+        # Workers on different models may share a pool only if a client's crops suit them all:
+        # same labels, same crop size, same framing.
+        if pool is not None and (pool.labels, pool.width_px, pool.height_px, pool.framing) != (
+            ready.model.labels, ready.model.width_px, ready.model.height_px, ready.model.framing
         ):
-            return f"model {ready.model.ref} does not match the pool's {pool.ref} (labels or input size differ)"
+            return (f"model {ready.model.ref} does not match the pool's {pool.ref} "
+                    "(labels, input size or crop framing differ)")
         if len(self.workers) >= self.settings.max_workers:
             return "broker worker table is full"
         self.workers[identity] = WorkerState(identity, ready.worker, ready.capacity, ready.model, now)

@@ -15,7 +15,9 @@ from pathlib import Path
 import cv2
 
 from .. import datasets
-from ..faces import HaarDetector, crop_face, to_gray
+from ..faces import FaceDetector, YuNetDetector, crop_face, to_gray
+from ..framing import DEFAULT_FRAMINGS, Framing
+from ..model import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +35,21 @@ def crop_dataset(
     raw_dir: Path,
     out_dir: Path,
     *,
-    size: tuple[int, int] = (48, 48),
-    margin: float = 0.1,
-    detector: HaarDetector | None = None,
+    card: ModelCard,
+    detector: FaceDetector | None = None,
     progress=None,
 ) -> dict[str, ClassTally]:
     """Write one crop per detected face to OUT_DIR/CLASS/PHOTO-N.png; return the tally per class.
 
+    Crops are sized and framed as ``card`` (the model's sidecar) says for this
+    detector, exactly as the edge crops live faces for a pool running that model.
     ``progress``, if given, is called once per photo (for a progress bar).
     Unreadable files are counted and skipped.
     """
     folders = datasets.scan(raw_dir, allow_empty_class=True)
-    detector = detector or HaarDetector(detect_width_px=640)
+    detector = detector or YuNetDetector(detect_width_px=640)
+    framing = card.framing.get(detector.name) or DEFAULT_FRAMINGS.get(detector.name) or Framing()
+    size = (card.preprocessing.width_px, card.preprocessing.height_px)
     tallies: dict[str, ClassTally] = {}
     for cls in folders.classes:
         tally = tallies[cls] = ClassTally()
@@ -60,13 +65,13 @@ def crop_dataset(
                 tally.unreadable.append(path)
                 continue
             gray = to_gray(image)
-            boxes = detector.detect(gray)
-            if not boxes:
+            faces = detector.detect(gray)
+            if not faces:
                 tally.no_face += 1
-            elif len(boxes) > 1:
+            elif len(faces) > 1:
                 tally.several_faces += 1
-            for n, box in enumerate(boxes):
-                cv2.imwrite(str(target / f"{path.stem}-{n}.png"), crop_face(gray, box, size, margin=margin))
+            for n, face in enumerate(faces):
+                cv2.imwrite(str(target / f"{path.stem}-{n}.png"), crop_face(gray, face, size, framing))
                 tally.crops += 1
     return tallies
 

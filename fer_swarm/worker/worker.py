@@ -64,7 +64,7 @@ class Worker:
         width, height = ((self.settings.echo_crop_px,) * 2 if self.settings.echo_crop_px
                          else (c.preprocessing.width_px, c.preprocessing.height_px))
         return p.ModelInfo(name=c.name, version=c.version, input_shape=c.input_shape, labels=c.labels,
-                           width_px=width, height_px=height)
+                           width_px=width, height_px=height, framing=c.framing)
 
     def stop(self) -> None:
         self._stop.set()
