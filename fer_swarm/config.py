@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -95,10 +95,20 @@ class EdgeSettings(Settings):
     deadline_ms: int = Field(250, ge=1, le=600_000, description="Deadline of each face job, in milliseconds.")
     display_delay_ms: int = Field(150, ge=0, description="How long a frame waits for its labels before it is shown with what has arrived, in ms.")
     max_pending_frames: int = Field(8, ge=1, description="Frames held waiting for labels; the oldest is shown early beyond this.")
-    max_faces: int = Field(8, ge=1, description="Faces per frame sent for labelling (largest first).")
-    detect_width_px: int = Field(480, ge=0, description="Detect faces on a copy scaled to this width (0: full size), in pixels.")
-    min_face_px: int = Field(36, ge=8, description="Smallest face the detector looks for, in pixels of the scaled copy (smaller is slower).")
-    crop_margin: float = Field(0.1, ge=0, le=1, description="Widen each face box by this fraction of its size on each side.")
+    max_faces: int = Field(8, ge=1, description="Faces per frame tracked and labelled (largest first).")
+    detector: Literal["yunet", "haar"] = Field("yunet", description="Face detector: yunet (OpenCV's YuNet CNN, finds small, tilted and turned faces) or haar (OpenCV's frontal-face cascade).")
+    detect_width_px: int | None = Field(None, ge=0, description="Detect faces on a copy scaled to this width (0: full size), in pixels; default 320 for yunet, 480 for haar. Crops are always cut at full size.")
+    min_face_px: int | None = Field(None, ge=8, description="Smallest face kept, in frame pixels; default 24 for yunet, 48 for haar (smaller is slower for haar).")
+    score_threshold: float = Field(0.6, gt=0, lt=1, description="YuNet: smallest detection score kept (lower finds more faces and more false ones).")
+    nms_threshold: float = Field(0.3, gt=0, lt=1, description="YuNet: overlap (IoU) above which two detections are one face.")
+    yunet_model: Path | None = Field(None, description="YuNet ONNX model file; unset for the one shipped in models/.")
+    tracking: bool = Field(True, description="Follow each face over frames as a track, so its label is its answers over time; off: every frame's faces are labelled alone.")
+    track_keep_ms: int = Field(500, ge=0, le=10_000, description="How long a track survives without a detection before its face counts as gone, in ms.")
+    track_hold_ms: int = Field(150, ge=0, le=10_000, description="How long a missed track is still drawn at its predicted box, in ms (at most track_keep_ms).")
+    smoothing: bool = Field(True, description="Show each track's label filtered over its answers (steady against one noisy answer); off: its latest answer.")
+    label_memory_ms: int = Field(300, ge=0, le=60_000, description="Smoothing: time over which earlier answers fade from a track's label, in ms (longer is steadier and slower to follow a change).")
+    answer_weight: float = Field(0.6, gt=0, le=1, description="Smoothing: how much one answer counts against the track's belief, 1 taking the model's probabilities at face value.")
+    relabel_ms: int = Field(100, ge=0, le=60_000, description="Send a track's crop for inference at most this often, in ms of video time (at once when a face is new, moved or resized a lot); 0: every face in every frame.")
     second_label_threshold: float = Field(0.25, ge=0, le=1, description="Show the second label too when its probability is at least this.")
     realtime: bool | None = Field(None, description="Read files at their own frame rate, dropping frames when behind; default: on for cameras only.")
     max_frames: int = Field(0, ge=0, description="Stop after this many frames; 0 for no limit.")
@@ -106,6 +116,12 @@ class EdgeSettings(Settings):
     secret_key: Path | None = Field(None, description="This edge client's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
     broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
     insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")
+
+    @model_validator(mode="after")
+    def _hold_within_keep(self):
+        if self.track_hold_ms > self.track_keep_ms:
+            raise ValueError("track_hold_ms must not exceed track_keep_ms (a track is drawn only while it is kept)")
+        return self
 
     @field_validator("stream")
     @classmethod

@@ -30,7 +30,10 @@ from fer_swarm.edge.draw import draw_faces, label_text
 from fer_swarm.edge.pipeline import TIMEOUT, UNSENT, FaceOutcome, FramePipeline
 from fer_swarm.edge.sources import CameraSource, ImageFolderSource, VideoSource, open_source
 from fer_swarm.errors import FerSwarmError, TransportError
-from fer_swarm.faces import Box, crop_face, to_gray
+from fer_swarm.edge.labels import TrackLabels
+from fer_swarm.edge.tracks import Track
+from fer_swarm.faces import Box, Face, crop_face, to_gray
+from fer_swarm.framing import DEFAULT_FRAMINGS
 from fer_swarm.protocol import (
     MAX_CROPS, Busy, CorrelationId, Error, Expired, FaceResult, Heartbeat, Job, ModelInfo, Result, Welcome,
     decode_routed, encode_routed,
@@ -183,6 +186,21 @@ def boxes(n: int) -> list[Box]:
     return [Box(10 + 60 * i, 10, 50, 50) for i in range(n)]
 
 
+def tracks(n: int) -> list[Track]:
+    """``n`` tracks with ids 0..n-1 at the ``boxes(n)``: face k of every frame is track k."""
+    return [Track(id=k, face=Face(b), born_s=0.0, seen_s=0.0, box=b) for k, b in enumerate(boxes(n))]
+
+
+def pipeline(**kwargs) -> FramePipeline:
+    """A pipeline showing each track's latest answer (no smoothing): the matching rules alone."""
+    return FramePipeline("s", TrackLabels(LABELS, smoothing=False), **kwargs)
+
+
+def add(p: FramePipeline, index: int, time_s: float, n: int, *, now: float, send=None) -> list[CorrelationId]:
+    """Add frame ``index`` with ``n`` tracks, all of them sent unless ``send`` says otherwise."""
+    return p.add_frame(index, time_s, IMAGE, tracks(n), [True] * n if send is None else send, now=now)
+
+
 IMAGE = np.zeros((120, 200, 3), np.uint8)
 
 
@@ -190,8 +208,8 @@ IMAGE = np.zeros((120, 200, 3), np.uint8)
 
 
 def test_replies_in_any_order_reach_their_own_face():
-    p = FramePipeline("s", display_delay_ms=150, max_pending_frames=8)
-    frames = [p.add_frame(n, n / 15, IMAGE, boxes(3), now=0.0) for n in range(3)]
+    p = pipeline(display_delay_ms=150, max_pending_frames=8)
+    frames = [add(p, n, n / 15, 3, now=0.0) for n in range(3)]
     for ids in frames:
         p.sent(ids, now=0.001)
     # Replies of any size, in any order, their faces in any order: faces 0+2 of each frame, then face 1.
@@ -205,15 +223,17 @@ def test_replies_in_any_order_reach_their_own_face():
             assert face.id == cid(s.index, k)
             assert face.box == boxes(3)[k]
             job = [cid(s.index, 1)] if k == 1 else [cid(s.index, 0), cid(s.index, 2)]
-            assert (face.label, face.worker, face.error) == (label_for(face.id), worker_for(job), None)
-            assert face.probabilities[face.label] == 0.6
+            # Its own answer, and the track's label: the answer to its newest frame (2), whatever the order.
+            assert (face.raw_label, face.worker, face.error) == (label_for(face.id), worker_for(job), None)
+            assert face.raw_probabilities[face.raw_label] == 0.6
+            assert face.label == label_for(cid(2, k)) and face.track == k and face.sent
             assert face.latency_ms == pytest.approx(20.0)
     assert p.late_replies == 0
 
 
 def test_a_result_answering_two_faces_of_a_frame_labels_both():
-    p = FramePipeline("s", display_delay_ms=150)
-    a, b = p.add_frame(3, 0.2, IMAGE, boxes(2), now=5.0)
+    p = pipeline(display_delay_ms=150)
+    a, b = add(p, 3, 0.2, 2, now=5.0)
     p.sent([a, b], now=5.0)
     reply = result_for([a, b])
     assert [f.id for f in reply.faces] == [b, a]  # listed the other way round
@@ -227,8 +247,8 @@ def test_a_result_answering_two_faces_of_a_frame_labels_both():
 
 
 def test_a_reply_mixing_a_waiting_and_an_answered_face_counts_one_late_reply():
-    p = FramePipeline("s", display_delay_ms=150)
-    a, b = p.add_frame(0, 0.0, IMAGE, boxes(2), now=0.0)
+    p = pipeline(display_delay_ms=150)
+    a, b = add(p, 0, 0.0, 2, now=0.0)
     p.sent([a, b], now=0.0)
     assert p.on_reply(Busy(ids=(a,), reason="queue full"), now=0.01) == 1
     assert p.on_reply(result_for([a, b]), now=0.02) == 1  # b is answered; a already had its reply
@@ -239,8 +259,8 @@ def test_a_reply_mixing_a_waiting_and_an_answered_face_counts_one_late_reply():
 
 
 def test_a_frame_waits_for_its_delay_then_shows_what_arrived_and_late_replies_are_dropped():
-    p = FramePipeline("s", display_delay_ms=150, max_pending_frames=8)
-    a, b = p.add_frame(0, 0.0, IMAGE, boxes(2), now=10.0)
+    p = pipeline(display_delay_ms=150, max_pending_frames=8)
+    a, b = add(p, 0, 0.0, 2, now=10.0)
     p.sent([a, b], 10.0)
     assert p.on_reply(result_for([b]), now=10.05) == 1
     assert p.ready(now=10.1) == [] and p.seconds_until_due(10.1) == pytest.approx(0.05)
@@ -256,20 +276,20 @@ def test_a_frame_waits_for_its_delay_then_shows_what_arrived_and_late_replies_ar
 
 
 def test_frames_are_shown_in_capture_order():
-    p = FramePipeline("s", display_delay_ms=100, max_pending_frames=8)
-    (a,) = p.add_frame(0, 0.0, IMAGE, boxes(1), now=0.0)
-    (b,) = p.add_frame(1, 0.1, IMAGE, boxes(1), now=0.05)
+    p = pipeline(display_delay_ms=100, max_pending_frames=8)
+    (a,) = add(p, 0, 0.0, 1, now=0.0)
+    (b,) = add(p, 1, 0.1, 1, now=0.05)
     assert p.on_reply(result_for([b]), now=0.06) == 1  # the newer frame is complete first ...
     assert p.ready(now=0.07) == []  # ... but does not overtake the older one
     assert p.on_reply(result_for([a]), now=0.08) == 1
     assert [s.index for s in p.ready(now=0.08)] == [0, 1]
     with pytest.raises(ValueError):
-        p.add_frame(1, 0.2, IMAGE, [], now=0.1)
+        p.add_frame(1, 0.2, IMAGE, [], [], now=0.1)
 
 
 def test_error_replies_are_recorded_with_kind_reason_and_latency():
-    p = FramePipeline("s", display_delay_ms=150)
-    ids = p.add_frame(0, 0.0, IMAGE, boxes(6), now=0.0)
+    p = pipeline(display_delay_ms=150)
+    ids = add(p, 0, 0.0, 6, now=0.0)
     p.sent(ids[:4], 0.0)
     assert p.on_reply(Busy(ids=(ids[0],), reason="queue full (200 jobs)"), now=0.002) == 1
     assert p.on_reply(Expired(ids=(ids[1], ids[3]), reason="deadline passed in queue"), now=0.25) == 2
@@ -287,8 +307,8 @@ def test_error_replies_are_recorded_with_kind_reason_and_latency():
 
 
 def test_a_reply_without_ids_is_logged_and_dropped(caplog):
-    p = FramePipeline("s")
-    p.add_frame(0, 0.0, IMAGE, boxes(1), now=0.0)
+    p = pipeline()
+    add(p, 0, 0.0, 1, now=0.0)
     with caplog.at_level(logging.WARNING, logger="fer_swarm.edge.pipeline"):
         assert p.on_reply(Error(ids=(), reason="unreadable header"), now=0.01) == 0
     assert "unreadable header" in caplog.text and p.late_replies == 1  # counted once, not per face
@@ -296,9 +316,9 @@ def test_a_reply_without_ids_is_logged_and_dropped(caplog):
 
 
 def test_pending_frames_are_bounded_oldest_shown_first():
-    p = FramePipeline("s", display_delay_ms=10_000, max_pending_frames=2)
+    p = pipeline(display_delay_ms=10_000, max_pending_frames=2)
     for n in range(4):
-        p.add_frame(n, n / 30, IMAGE, boxes(1), now=n / 30)
+        add(p, n, n / 30, 1, now=n / 30)
         shown = p.ready(now=n / 30)
         assert len(p) <= 2
         if n >= 2:
@@ -308,27 +328,30 @@ def test_pending_frames_are_bounded_oldest_shown_first():
 
 
 def test_frames_without_faces_are_shown_at_once():
-    p = FramePipeline("s", display_delay_ms=150)
-    assert p.add_frame(0, 0.0, IMAGE, [], now=0.0) == []
+    p = pipeline(display_delay_ms=150)
+    assert p.add_frame(0, 0.0, IMAGE, [], [], now=0.0) == []
     (shown,) = p.ready(now=0.0)
     assert shown.faces == () and shown.events() == []
 
 
 def test_event_records_follow_the_schema():
-    p = FramePipeline("s", display_delay_ms=150)
-    a, b = p.add_frame(7, 0.4667, IMAGE, boxes(2), now=0.0)
+    p = pipeline(display_delay_ms=150)
+    a, b = add(p, 7, 0.4667, 2, now=0.0)
     p.sent([a], 0.0)
     p.on_reply(result_for([a]), now=0.0123)
     (shown,) = p.ready(now=1.0)
     good, bad = (json.loads(json.dumps(e)) for e in shown.events())
-    keys = {"frame", "time_s", "box", "label", "probabilities", "latency_ms", "worker", "error"}
+    keys = {"frame", "time_s", "track", "box", "landmarks", "label", "probabilities", "sent", "raw_label",
+            "raw_probabilities", "latency_ms", "worker", "error", "job_error"}
     assert set(good) == keys and set(bad) == keys
     assert good["frame"] == 7 and good["time_s"] == 0.4667 and good["box"] == [10, 10, 50, 50]
-    assert good["label"] == label_for(a) and good["probabilities"][label_for(a)] == 0.6
+    assert (good["track"], bad["track"]) == (0, 1) and good["landmarks"] is None
+    assert good["label"] == good["raw_label"] == label_for(a) and good["probabilities"][label_for(a)] == 0.6
+    assert good["raw_probabilities"] == good["probabilities"] and good["sent"] and good["job_error"] is None
     assert good["latency_ms"] == pytest.approx(12.3) and good["worker"] == worker_for([a]) and good["error"] is None
     assert bad["box"] == [70, 10, 50, 50]
-    assert (bad["label"], bad["probabilities"], bad["latency_ms"], bad["worker"], bad["error"]) == (
-        None, None, None, None, TIMEOUT)
+    assert (bad["label"], bad["probabilities"], bad["latency_ms"], bad["worker"], bad["error"], bad["job_error"]) == (
+        None, None, None, None, TIMEOUT, TIMEOUT)
 
 
 # ---------------------------------------------------------------- drawing
@@ -607,8 +630,10 @@ def test_zmq_errors_become_transport_errors(ctx):
 
 
 def edge_settings(tmp_path: Path, endpoint: str, **kw) -> EdgeSettings:
+    """Per-frame labelling (no tracks, no smoothing, every face sent): each event shows its own reply."""
     base = dict(broker=endpoint, output=tmp_path / "annotated.mp4", events=tmp_path / "events.jsonl",
-                connect_timeout_s=5, display_delay_ms=1500, stream="test")
+                connect_timeout_s=5, display_delay_ms=1500, stream="test", tracking=False, smoothing=False,
+                relabel_ms=0)
     return EdgeSettings(**(base | kw))
 
 
@@ -637,7 +662,7 @@ def test_run_edge_headless_labels_every_face_with_its_own_reply(ctx, make_router
     assert [e["frame"] for e in events] == sorted(e["frame"] for e in events)  # shown in capture order
     frames = by_frame(events)
     for frame, faces in frames.items():
-        ids = [cid(frame, k, stream="test") for k in range(len(faces))]
+        ids = [cid(frame, e["track"], stream="test") for e in faces]
         for id, e in zip(ids, faces):
             assert (e["label"], e["worker"], e["error"]) == (label_for(id), worker_for(ids), None), e
             assert e["time_s"] == pytest.approx(frame / 15, abs=1e-3)
@@ -665,19 +690,21 @@ def test_run_edge_sends_a_frames_faces_in_one_job(ctx, make_router, clip, tmp_pa
     gray = [to_gray(image) for image in read_clip(clip)]
     for job, wire_frames, (frame, faces) in zip(router.jobs, router.job_frames, sorted(frames.items())):
         assert wire_frames == 3 + len(faces)  # tag, command, header, then one payload frame per face
-        assert list(job.ids) == [cid(frame, k, stream="test") for k in range(len(faces))]  # face order
+        assert list(job.ids) == [cid(frame, e["track"], stream="test") for e in faces]  # face order
         assert list(job.payloads) == [
-            crop_face(gray[frame], Box(*e["box"]), (40, 48), margin=settings.crop_margin).tobytes() for e in faces]
+            crop_face(gray[frame], Box(*e["box"]), (40, 48), DEFAULT_FRAMINGS["yunet"]).tobytes() for e in faces]
 
 
 class GridDetector:
     """Finds ``n`` faces in a grid: more than one JOB holds (the clip's real faces are two)."""
 
+    name = "grid"
+
     def __init__(self, n: int):
         self.n = n
 
-    def detect(self, gray: np.ndarray) -> list[Box]:
-        return [Box(10 + 60 * (i % 10), 10 + 60 * (i // 10), 50, 50) for i in range(self.n)]
+    def detect(self, frame: np.ndarray) -> list[Face]:
+        return [Face(Box(10 + 60 * (i % 10), 10 + 60 * (i // 10), 50, 50)) for i in range(self.n)]
 
 
 def test_run_edge_splits_a_frame_with_more_faces_than_a_job_holds(ctx, make_router, clip, tmp_path):
@@ -686,15 +713,16 @@ def test_run_edge_splits_a_frame_with_more_faces_than_a_job_holds(ctx, make_rout
     settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=2, max_faces=n, output=None)
     summary = run_edge(settings, context=ctx, detector=GridDetector(n))
     assert summary.frames == 2 and summary.faces == summary.answered == 2 * n
-    parts = [[cid(f, k, stream="test") for k in range(start, min(start + MAX_CROPS, n))]
+    # Tracking is off: every face of every frame is a new track, numbered from 1.
+    parts = [[cid(f, f * n + k + 1, stream="test") for k in range(start, min(start + MAX_CROPS, n))]
              for f in range(2) for start in range(0, n, MAX_CROPS)]
     assert [list(j.ids) for j in router.jobs] == parts and [len(p) for p in parts] == [16, 4, 16, 4]
     workers = {id: worker_for(part) for part in parts for id in part}
-    grid = [b.as_list() for b in GridDetector(n).detect(np.zeros((480, 640), np.uint8))]
+    grid = [f.box.as_list() for f in GridDetector(n).detect(np.zeros((480, 640), np.uint8))]
     for frame, faces in by_frame(read_events(settings.events)).items():
         assert [e["box"] for e in faces] == grid
         for k, e in enumerate(faces):
-            id = cid(frame, k, stream="test")
+            id = cid(frame, frame * n + k + 1, stream="test")
             assert (e["label"], e["worker"], e["error"]) == (label_for(id), workers[id], None), e
 
 
@@ -729,7 +757,7 @@ def test_run_edge_counts_errors_by_kind(ctx, make_router, clip, tmp_path):
         failure = FAILURES.get(frame % 4)
         for k, e in enumerate(faces):
             if failure is None:
-                assert (e["error"], e["label"]) == (None, label_for(cid(frame, k, stream="test"))), e
+                assert (e["error"], e["label"]) == (None, label_for(cid(frame, e["track"], stream="test"))), e
                 continue
             kind, reason = failure
             assert (e["error"], e["label"], e["latency_ms"] is not None) == (
@@ -745,7 +773,7 @@ def test_run_edge_max_faces_limits_jobs(ctx, make_router, clip, tmp_path):
     settings = edge_settings(tmp_path, router.endpoint, video=clip, max_frames=3, max_faces=1, output=None)
     summary = run_edge(settings, context=ctx)
     assert summary.faces == len(router.jobs) == 3
-    assert [[i.face for i in j.ids] for j in router.jobs] == [[0]] * 3
+    assert [[i.face for i in j.ids] for j in router.jobs] == [[1], [2], [3]]  # no tracking: a new track a frame
     assert router.job_frames == [4] * 3  # one payload frame each
 
 

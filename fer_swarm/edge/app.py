@@ -1,4 +1,5 @@
-"""The edge program: capture -> detect -> crop -> one JOB per face -> match replies -> draw -> output.
+"""The edge program: capture -> detect -> track -> (relabel budget) -> crop -> one JOB per frame ->
+match replies -> smooth labels -> draw -> output.
 
 One thread runs the loop and owns the socket. It never waits on inference:
 while a source waits for its next frame, the loop handles replies and shows
@@ -27,13 +28,17 @@ import zmq
 
 from ..config import EdgeSettings
 from ..errors import FerSwarmError
-from ..faces import FaceDetector, HaarDetector, crop_face, to_gray
+from ..faces import FaceDetector, crop_face, make_detector, to_gray
+from ..framing import DEFAULT_FRAMINGS, Framing
 from ..protocol import MAX_CROPS
 from ..security import client_security
 from .client import SwarmClient
 from .draw import draw_faces
+from .labels import TrackLabels
 from .pipeline import UNSENT, FramePipeline, ShownFrame
+from .relabel import RelabelBudget
 from .sources import Frame, FrameSource, open_source
+from .tracks import Tracker
 
 __all__ = ["EdgeSummary", "run_edge", "window_wanted"]
 
@@ -59,6 +64,8 @@ class EdgeSummary:
     wall_s: float = 0.0
     fps: float = 0.0
     late_replies: int = 0
+    tracks: int = 0
+    crops_sent: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -98,7 +105,7 @@ class _Tally:
         elif (j := self._rng.randrange(self._seen)) < _LATENCY_SAMPLES:
             self.latencies[j] = latency_ms
 
-    def summary(self, wall_s: float, late_replies: int) -> EdgeSummary:
+    def summary(self, wall_s: float, late_replies: int, *, tracks: int, crops_sent: int) -> EdgeSummary:
         p50 = p95 = None
         if self.latencies:
             p50, p95 = (round(float(v), 2) for v in np.percentile(self.latencies, [50, 95]))
@@ -107,7 +114,18 @@ class _Tally:
             errors=dict(self.errors), labels=dict(self.labels),
             latency_p50_ms=p50, latency_p95_ms=p95, wall_s=round(wall_s, 3),
             fps=round(self.frames / wall_s, 2) if wall_s > 0 else 0.0, late_replies=late_replies,
+            tracks=tracks, crops_sent=crops_sent,
         )
+
+
+def edge_detector(settings: EdgeSettings) -> FaceDetector:
+    """The face detector the settings ask for, with each detector's own defaults where they are unset."""
+    yunet = settings.detector == "yunet"
+    width = settings.detect_width_px if settings.detect_width_px is not None else (320 if yunet else 480)
+    min_face = settings.min_face_px if settings.min_face_px is not None else (24 if yunet else 48)
+    kwargs = {"model": settings.yunet_model} if settings.yunet_model is not None else {}
+    return make_detector(settings.detector, detect_width_px=width, min_face_px=min_face,
+                         score_threshold=settings.score_threshold, nms_threshold=settings.nms_threshold, **kwargs)
 
 
 def window_wanted(settings: EdgeSettings) -> bool:
@@ -196,26 +214,42 @@ class _EdgeRun:
         self.realtime = realtime
         model = client.welcome.model  # type: ignore[union-attr]
         self.crop_size = (model.width_px, model.height_px)
+        # The pool's model says how it wants this detector's boxes framed.
+        name = getattr(detector, "name", "")
+        self.framing = model.framing.get(name) or DEFAULT_FRAMINGS.get(name) or Framing()
+        self.tracker = Tracker(keep_ms=settings.track_keep_ms, hold_ms=settings.track_hold_ms,
+                               enabled=settings.tracking)
+        self.budget = RelabelBudget(settings.relabel_ms)
+        self.crops_sent = 0
         self.tally = _Tally()
 
     def process(self, frame: Frame) -> None:
-        """Detect, crop and send one frame's faces; hold the frame until it is to be shown."""
+        """Detect, track and crop one frame's faces, send those the budget allows; hold the frame until shown."""
         if not self.realtime:
             # Off real time nothing is lost by waiting, so give the oldest frame its
             # full display delay instead of showing it early to make room.
             while len(self.pipeline) >= self.settings.max_pending_frames:
                 self.handle(self.pipeline.seconds_until_due(time.monotonic()) or 0.0)
-        gray = to_gray(frame.bgr)
-        boxes = self.detector.detect(gray)[: self.settings.max_faces]
-        ids = self.pipeline.add_frame(frame.index, frame.time_s, frame.bgr, boxes, time.monotonic())
-        crops = [crop_face(gray, box, self.crop_size, margin=self.settings.crop_margin) for box in boxes]
-        for start in range(0, len(ids), MAX_CROPS):  # the frame's faces in one JOB, if they fit
-            part = ids[start:start + MAX_CROPS]
-            if self.client.send_job(part, crops[start:start + MAX_CROPS], self.settings.deadline_ms):
-                self.pipeline.sent(part, time.monotonic())
-            else:
-                self.pipeline.failed(part, UNSENT, "the socket to the broker would block")
-        log.debug("frame %d: %d face(s) sent", frame.index, len(boxes))
+        t = frame.time_s
+        faces = self.detector.detect(frame.bgr)[: self.settings.max_faces]
+        tracks = self.tracker.update(faces, t)
+        send = [self.budget.due(tr, t) for tr in tracks]
+        ids = self.pipeline.add_frame(frame.index, t, frame.bgr, tracks, send, time.monotonic())
+        self.pipeline.forget_tracks({tr.id for tr in self.tracker.tracks})
+        chosen = [tr for tr, s in zip(tracks, send) if s]
+        if chosen:
+            gray = to_gray(frame.bgr)
+            crops = [crop_face(gray, tr.face, self.crop_size, self.framing) for tr in chosen]
+            for tr in chosen:
+                self.budget.sent(tr, t)
+            for start in range(0, len(ids), MAX_CROPS):  # the frame's faces in one JOB, if they fit
+                part = ids[start:start + MAX_CROPS]
+                if self.client.send_job(part, crops[start:start + MAX_CROPS], self.settings.deadline_ms):
+                    self.pipeline.sent(part, time.monotonic())
+                    self.crops_sent += len(part)
+                else:
+                    self.pipeline.failed(part, UNSENT, "the socket to the broker would block")
+        log.debug("frame %d: %d face(s), %d sent", frame.index, len(tracks), len(chosen))
         self.handle(0.0)
 
     def handle(self, timeout_s: float) -> None:
@@ -278,7 +312,7 @@ def run_edge(
     started = time.monotonic()
     try:
         stream = settings.stream or f"{source.kind}-{os.getpid()}"
-        detector = detector or HaarDetector(detect_width_px=settings.detect_width_px, min_face_px=settings.min_face_px)
+        detector = detector or edge_detector(settings)
         outputs = _Outputs(settings, window=window, fps=source.fps)
         client = SwarmClient(ctx, settings.broker, name=f"fer-swarm edge {stream}",
                              connect_timeout_s=settings.connect_timeout_s, curve=curve)
@@ -292,7 +326,9 @@ def run_edge(
             realtime = source.realtime
             log.info("edge started: %s source, stream %s, broker %s, model %s, %s", source.kind, stream,
                      settings.broker, model.ref, "real time" if realtime else "every frame")
-            pipeline = FramePipeline(stream, display_delay_ms=settings.display_delay_ms,
+            labels = TrackLabels(model.labels, smoothing=settings.smoothing, memory_ms=settings.label_memory_ms,
+                                 answer_weight=settings.answer_weight)
+            pipeline = FramePipeline(stream, labels, display_delay_ms=settings.display_delay_ms,
                                      max_pending_frames=settings.max_pending_frames)
             run = _EdgeRun(settings, client, pipeline, detector, outputs, stop, realtime=realtime)
             started = time.monotonic()
@@ -315,7 +351,8 @@ def run_edge(
             source.close()
         if context is None:
             ctx.term()
-    summary = run.tally.summary(time.monotonic() - started, pipeline.late_replies)
+    summary = run.tally.summary(time.monotonic() - started, pipeline.late_replies,
+                                tracks=run.tracker.started, crops_sent=run.crops_sent)
     log.info("edge finished: %d frames, %d faces, %d labelled, errors %s, latency p50 %s ms p95 %s ms, %.1f fps",
              summary.frames, summary.faces, summary.answered, summary.errors or "none",
              summary.latency_p50_ms, summary.latency_p95_ms, summary.fps)
