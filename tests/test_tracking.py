@@ -204,3 +204,25 @@ def test_the_relabel_budget_sends_a_new_moved_or_resized_face_at_once():
     (tr,) = tracker.update([Face(Box(104, 100, 110, 110))], 1.07)
     assert budget.due(tr, 1.07)  # the interval passed
     assert RelabelBudget(0).due(tr, 1.07)  # 0: every frame
+
+
+# ---------------------------------------------------------------- the detector's model file
+
+
+def test_a_missing_or_corrupt_detector_model_is_a_clear_error(tmp_path):
+    from fer_swarm.errors import FerSwarmError
+
+    with pytest.raises(FerSwarmError, match="YuNet model file not found"):
+        YuNetDetector(tmp_path / "nowhere.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07 not an onnx graph" * 10)
+    with pytest.raises(FerSwarmError, match="cannot load the YuNet model .*junk.onnx"):
+        YuNetDetector(junk)
+
+
+def test_the_edge_command_names_a_missing_detector_model(tmp_path):
+    from .conftest import run_cli
+
+    res = run_cli("edge", "--images", str(tmp_path), "--events", str(tmp_path / "e.jsonl"),
+                  "--yunet-model", str(tmp_path / "gone.onnx"), timeout=60)
+    assert res.returncode != 0 and "gone.onnx" in res.stderr and "Traceback" not in res.stderr

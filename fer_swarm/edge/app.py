@@ -300,6 +300,7 @@ def run_edge(
     broker that does not announce a model within ``connect_timeout_s``.
     """
     curve = client_security(settings, settings.broker)  # key problems fail here, before any frame is read
+    detector = detector or edge_detector(settings)  # and a missing detector model
     window = window_wanted(settings)
     if window:
         _require_display()
@@ -312,7 +313,6 @@ def run_edge(
     started = time.monotonic()
     try:
         stream = settings.stream or f"{source.kind}-{os.getpid()}"
-        detector = detector or edge_detector(settings)
         outputs = _Outputs(settings, window=window, fps=source.fps)
         client = SwarmClient(ctx, settings.broker, name=f"fer-swarm edge {stream}",
                              connect_timeout_s=settings.connect_timeout_s, curve=curve)
