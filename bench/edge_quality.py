@@ -63,7 +63,10 @@ VARIANTS: dict[str, Variant] = {
     "yunet": Variant(("--detector", "yunet", "--no-tracking", *_NO_EXTRAS)),
     "yunet+track": Variant(("--detector", "yunet", *_NO_EXTRAS)),
     "yunet+track+smooth": Variant(("--detector", "yunet", "--relabel-ms", "0")),
+    "haar+track+smooth": Variant(("--detector", "haar", "--relabel-ms", "0")),
     "default": Variant(),  # whatever the edge does with no flags at all
+    "default relabel-200ms": Variant(("--relabel-ms", "200")),
+    "default yunet-320px": Variant(("--detect-width-px", "320")),
 }
 _FPS = re.compile(r"(\d+) in ([\d.]+) s \(([\d.]+) fps\)")
 

@@ -145,8 +145,8 @@ class YuNetDetector:
         self,
         model: str | Path = YUNET_MODEL,
         *,
-        detect_width_px: int = 320,
-        score_threshold: float = 0.6,
+        detect_width_px: int = 640,
+        score_threshold: float = 0.4,
         nms_threshold: float = 0.3,
         min_face_px: int = 24,
     ):
@@ -219,7 +219,7 @@ class HaarDetector:
         return [Face(b) for b in sorted(boxes, key=lambda b: b.w * b.h, reverse=True)]
 
 
-def make_detector(name: str, *, detect_width_px: int, min_face_px: int, score_threshold: float = 0.6,
+def make_detector(name: str, *, detect_width_px: int, min_face_px: int, score_threshold: float = 0.4,
                   nms_threshold: float = 0.3, model: str | Path = YUNET_MODEL) -> FaceDetector:
     """The detector called ``name`` ("yunet" or "haar") with the edge's settings.
 

@@ -100,6 +100,17 @@ def test_without_tracking_every_face_is_a_new_track(detector, two_face_frames):
     assert ids == [1, 2, 3, 4, 5, 6]
 
 
+def test_an_unsure_detection_is_shown_from_its_second_frame_and_a_one_frame_one_never():
+    tracker = Tracker()
+    face, wall = Face(Box(100, 100, 80, 80), score=0.5), Face(Box(400, 300, 60, 60), score=0.45)
+    assert tracker.update([face, wall], 0.0) == []  # neither is sure enough alone
+    (tr,) = tracker.update([Face(Box(102, 100, 80, 80), score=0.5)], 1 / FPS)  # the face again; the wall gone
+    assert tr.id == 1 and tr.confirmed
+    assert [t.id for t in tracker.update([], 2 / FPS)] == [1]  # held; the wall's track is never shown
+    sure = Tracker()
+    assert [t.id for t in sure.update([Face(Box(100, 100, 80, 80), score=0.9)], 0.0)] == [1]
+
+
 def test_hold_cannot_exceed_keep():
     with pytest.raises(ValueError):
         Tracker(keep_ms=100, hold_ms=200)
@@ -193,15 +204,15 @@ def test_the_relabel_budget_bounds_jobs_per_face(detector, two_face_frames):
 def test_the_relabel_budget_sends_a_new_moved_or_resized_face_at_once():
     budget = RelabelBudget(1000)
     tracker = Tracker()
-    (tr,) = tracker.update([Face(Box(100, 100, 80, 80))], 0.0)
+    (tr,) = tracker.update([Face(Box(100, 100, 80, 80), score=0.9)], 0.0)
     assert budget.due(tr, 0.0)  # new
     budget.sent(tr, 0.0)
-    (tr,) = tracker.update([Face(Box(104, 100, 80, 80))], 0.033)
+    (tr,) = tracker.update([Face(Box(104, 100, 80, 80), score=0.9)], 0.033)
     assert not budget.due(tr, 0.033)  # barely moved, within the interval
-    (tr,) = tracker.update([Face(Box(104, 100, 110, 110))], 0.066)
+    (tr,) = tracker.update([Face(Box(104, 100, 110, 110), score=0.9)], 0.066)
     assert budget.due(tr, 0.066)  # came closer: a new crop is worth its job
     budget.sent(tr, 0.066)
-    (tr,) = tracker.update([Face(Box(104, 100, 110, 110))], 1.07)
+    (tr,) = tracker.update([Face(Box(104, 100, 110, 110), score=0.9)], 1.07)
     assert budget.due(tr, 1.07)  # the interval passed
     assert RelabelBudget(0).due(tr, 1.07)  # 0: every frame
 

@@ -83,8 +83,8 @@ class Shown:
 class TrackLabels:
     """Every live track's label state, by track id. Bounded: forget tracks the tracker dropped."""
 
-    def __init__(self, labels: Sequence[str], *, smoothing: bool = True, memory_ms: float = 300,
-                 answer_weight: float = 0.6, max_age_ms: float = 1000):
+    def __init__(self, labels: Sequence[str], *, smoothing: bool = True, memory_ms: float = 200,
+                 answer_weight: float = 1.0, max_age_ms: float = 1000):
         self.labels = tuple(labels)
         self.smoothing = smoothing
         self.max_age_s = max_age_ms / 1000

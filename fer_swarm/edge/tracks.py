@@ -16,6 +16,10 @@ The rules, and why:
   restart the face's label), and is shown at its predicted box for
   ``hold_ms`` of them: a flicker of the detector does not make a box blink,
   while a face that really leaves loses its box within ``hold_ms``.
+- A track is shown (and sent) once it is confirmed: detected in two frames,
+  or once with a confident score (``confirm_score``). A detector's one-frame
+  false box on a textured wall then never gets a label, at the cost of one
+  frame's delay for a face the detector is unsure of.
 - Track ids count up from 1 and are never reused within a run, so a reply or
   an event that names a track can never be taken for another face.
 """
@@ -42,6 +46,7 @@ class Track:
     hits: int = 1
     velocity: tuple[float, float] = (0.0, 0.0)  # centre, px/s
     missed: bool = False  # not detected in the latest frame (shown at its predicted box)
+    confirmed: bool = False  # seen often or surely enough to be shown
     # Set by the relabel budget: when and where its crop was last sent.
     sent_s: float | None = None
     sent_box: Box | None = field(default=None, repr=False)
@@ -56,9 +61,11 @@ class Track:
 class Tracker:
     """Gives each face a track id that lives while the face stays in view. Not thread-safe."""
 
-    def __init__(self, *, keep_ms: float = 500, hold_ms: float = 150, min_iou: float = 0.2, enabled: bool = True):
+    def __init__(self, *, keep_ms: float = 500, hold_ms: float = 150, min_iou: float = 0.2, enabled: bool = True,
+                 confirm_score: float = 0.7):
         if hold_ms > keep_ms:
             raise ValueError("hold_ms cannot exceed keep_ms: a track is shown only while it is kept")
+        self.confirm_score = confirm_score
         self.keep_s = keep_ms / 1000
         self.hold_s = hold_ms / 1000
         self.min_iou = min_iou
@@ -75,9 +82,10 @@ class Tracker:
     def update(self, faces: list[Face], t: float) -> list[Track]:
         """Match the faces of the frame at time ``t`` (seconds) to tracks; return the tracks to show.
 
-        Those are the detected faces (in ``faces`` order, each in its track) and
-        then the tracks missed for at most ``hold_ms``, at their predicted box.
-        With tracking off, every face is a new track: today's per-frame behaviour.
+        Those are the confirmed tracks' detected faces (in ``faces`` order) and
+        then the confirmed tracks missed for at most ``hold_ms``, at their
+        predicted box. With tracking off, every face is a new track, shown at
+        once: the per-frame behaviour.
         """
         self._tracks = [tr for tr in self._tracks if t - tr.seen_s <= self.keep_s]
         if not self.enabled:
@@ -99,6 +107,9 @@ class Tracker:
                     track.velocity = (0.5 * track.velocity[0] + 0.5 * v[0], 0.5 * track.velocity[1] + 0.5 * v[1])
                 track.face, track.seen_s, track.box, track.missed = face, t, face.box, False
                 track.hits += 1
+            if not track.confirmed and (not self.enabled or track.hits >= 2
+                                        or (face.score is not None and face.score >= self.confirm_score)):
+                track.confirmed = True
             shown.append(track)
         matched = {id(tr) for tr in shown}
         for track in self._tracks:
@@ -107,7 +118,7 @@ class Tracker:
                 if t - track.seen_s <= self.hold_s:
                     track.box = track.predicted(t)
                     shown.append(track)
-        return shown
+        return [tr for tr in shown if tr.confirmed]
 
     def _match(self, faces: list[Face], t: float) -> dict[int, Track]:
         """Face index -> track, greedily by overlap with each track's predicted box, then by distance."""
