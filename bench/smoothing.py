@@ -136,6 +136,9 @@ def main() -> None:
             for weight in (0.4, 0.6, 0.8, 1.0):
                 designs[f"filter {memory} ms, w {weight}"] = (
                     lambda m=memory, w=weight: Filter(labels, memory_ms=m, answer_weight=w))
+            for margin in (0.1, 0.2, 0.3):
+                designs[f"filter {memory} ms, w 1.0, margin {margin}"] = (
+                    lambda m=memory, g=margin: Filter(labels, memory_ms=m, answer_weight=1.0, switch_margin=g))
         only = [d for d in args.designs.split(",") if d]
         designs = {k: v for k, v in designs.items() if not only or any(d in k for d in only)}
         for budget in budgets:

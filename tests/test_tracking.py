@@ -148,6 +148,25 @@ def test_a_label_follows_a_sustained_change_within_a_few_answers():
     assert lag <= 3  # three answers: 100 ms at 30 answers a second
 
 
+def test_a_face_between_two_expressions_keeps_one_label():
+    """Answers alternating between two near-equal labels: the shown label does not flip with them."""
+    labels = TrackLabels(LABELS)
+    shown = []
+    for i in range(30):
+        first, second = ("sad", "neutral") if i % 2 else ("neutral", "sad")
+        probs = dict.fromkeys(LABELS, 0.03) | {first: 0.45, second: 0.40}
+        labels.answer(1, probs, i * 0.1)
+        shown.append(labels.shown(1).label)
+    assert len(set(shown)) == 1, shown
+    plain = TrackLabels(LABELS, switch_margin=0.0)
+    flips = []
+    for i in range(30):
+        first, second = ("sad", "neutral") if i % 2 else ("neutral", "sad")
+        plain.answer(1, dict.fromkeys(LABELS, 0.03) | {first: 0.45, second: 0.40}, i * 0.1)
+        flips.append(plain.shown(1).label)
+    assert len(set(flips)) == 2  # without the margin it would flip: the test can fail
+
+
 def test_without_smoothing_the_latest_answer_is_shown():
     labels = TrackLabels(LABELS, smoothing=False)
     seq = ["happy"] * 5 + ["sad"] + ["happy"]

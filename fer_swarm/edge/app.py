@@ -327,7 +327,7 @@ def run_edge(
             log.info("edge started: %s source, stream %s, broker %s, model %s, %s", source.kind, stream,
                      settings.broker, model.ref, "real time" if realtime else "every frame")
             labels = TrackLabels(model.labels, smoothing=settings.smoothing, memory_ms=settings.label_memory_ms,
-                                 answer_weight=settings.answer_weight)
+                                 answer_weight=settings.answer_weight, switch_margin=settings.label_switch_margin)
             pipeline = FramePipeline(stream, labels, display_delay_ms=settings.display_delay_ms,
                                      max_pending_frames=settings.max_pending_frames)
             run = _EdgeRun(settings, client, pipeline, detector, outputs, stop, realtime=realtime)

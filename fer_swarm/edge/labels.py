@@ -13,14 +13,23 @@ changes now and then (a hidden Markov model, forward pass):
   which expressions change: after ``memory_ms`` without answers about 63% of
   it is gone, so old answers fade by time, not by frame count;
 - each answer multiplies the belief by the model's probabilities raised to
-  ``answer_weight`` (below 1: one answer is weaker evidence than its softmax
-  claims, because neighbouring frames' answers are not independent).
+  ``answer_weight`` (below 1 would count one answer as weaker evidence than
+  its softmax claims; measured, 1 followed changes best at no cost in
+  steadiness, because the relabel budget already spaces answers apart).
+
+Defaults (100 ms, 1.0, margin 0.3) were chosen by ``bench/smoothing.py``:
+replaying the same answers through this filter, an exponential average with
+a switching margin and "switch after k agreeing answers", this one kept
+label changes low on a clip of faces that keep their expression while still
+following changes on a clip where they change (docs/performance.md).
 
 So one stray answer moves a settled belief only a little, while two or three
 agreeing answers for a new expression overturn it, faster when they are
-confident. The shown label is the belief's top class; the shown probabilities
-are the belief, and the second-label rule reads them. ``--no-smoothing`` shows
-each track's latest answer instead.
+confident. The shown label switches to the belief's top class only when that
+leads the label shown now by ``switch_margin``: a face halfway between two
+expressions (sad or neutral, 50/50) keeps one label instead of flipping
+between them. The shown probabilities are the belief, and the second-label
+rule reads them. ``--no-smoothing`` shows each track's latest answer instead.
 """
 
 from __future__ import annotations
@@ -83,11 +92,13 @@ class Shown:
 class TrackLabels:
     """Every live track's label state, by track id. Bounded: forget tracks the tracker dropped."""
 
-    def __init__(self, labels: Sequence[str], *, smoothing: bool = True, memory_ms: float = 200,
-                 answer_weight: float = 1.0, max_age_ms: float = 1000):
+    def __init__(self, labels: Sequence[str], *, smoothing: bool = True, memory_ms: float = 100,
+                 answer_weight: float = 1.0, switch_margin: float = 0.3, max_age_ms: float = 1000):
         self.labels = tuple(labels)
         self.smoothing = smoothing
+        self.switch_margin = switch_margin if smoothing else 0.0
         self.max_age_s = max_age_ms / 1000
+        self._label: dict[int, int] = {}  # the label each track shows now, by index
         self.memory_ms = memory_ms
         self.answer_weight = answer_weight
         self._state: dict[int, LabelFilter | LatestAnswer] = {}
@@ -111,9 +122,14 @@ class TrackLabels:
         if t is not None and t - state.t > self.max_age_s:
             return None
         b = state.belief
-        return Shown(self.labels[int(np.argmax(b))], {k: round(float(v), 4) for k, v in zip(self.labels, b)})
+        top, now = int(np.argmax(b)), self._label.get(track)
+        # Hysteresis: between two near-equal labels the shown one stays until the other clearly leads.
+        if now is None or b[top] - b[now] >= self.switch_margin:
+            now = self._label[track] = top
+        return Shown(self.labels[now], {k: round(float(v), 4) for k, v in zip(self.labels, b)})
 
     def keep_only(self, tracks: set[int]) -> None:
         """Forget every track not in ``tracks``."""
         for gone in self._state.keys() - tracks:
             del self._state[gone]
+            self._label.pop(gone, None)
