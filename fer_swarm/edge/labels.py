@@ -17,7 +17,7 @@ changes now and then (a hidden Markov model, forward pass):
   its softmax claims; measured, 1 followed changes best at no cost in
   steadiness, because the relabel budget already spaces answers apart).
 
-Defaults (100 ms, 1.0, margin 0.3) were chosen by ``bench/smoothing.py``:
+Defaults (100 ms, 1.0, margin 0.2) were chosen by ``bench/smoothing.py``:
 replaying the same answers through this filter, an exponential average with
 a switching margin and "switch after k agreeing answers", this one kept
 label changes low on a clip of faces that keep their expression while still
@@ -93,7 +93,7 @@ class TrackLabels:
     """Every live track's label state, by track id. Bounded: forget tracks the tracker dropped."""
 
     def __init__(self, labels: Sequence[str], *, smoothing: bool = True, memory_ms: float = 100,
-                 answer_weight: float = 1.0, switch_margin: float = 0.3, max_age_ms: float = 1000):
+                 answer_weight: float = 1.0, switch_margin: float = 0.2, max_age_ms: float = 1000):
         self.labels = tuple(labels)
         self.smoothing = smoothing
         self.switch_margin = switch_margin if smoothing else 0.0
