@@ -57,7 +57,7 @@ def test_edge_shows_labelled_frames_in_a_window(display, tmp_path):
             w.stop()
             b.stop()
     assert edge.returncode == 0, errs[-2000:]
-    faces, labelled = map(int, re.search(r"faces\D+(\d+) \((\d+) labelled\)", out).groups())
+    faces, labelled = map(int, re.search(r"faces\D+(\d+) in \d+ track\(s\) \((\d+) labelled\)", out).groups())
     assert faces >= 100 and labelled == faces
     screen = read_xwd(shot.stdout)
     # The window shows the 640x480 frame: a large non-black region, and the green label boxes in it.
