@@ -104,7 +104,7 @@ class EdgeSettings(Settings):
     yunet_model: Path | None = Field(None, description="YuNet ONNX model file; unset for the one shipped in models/.")
     tracking: bool = Field(True, description="Follow each face over frames as a track, so its label is its answers over time; off: every frame's faces are labelled alone.")
     track_keep_ms: int = Field(500, ge=0, le=10_000, description="How long a track survives without a detection before its face counts as gone, in ms.")
-    track_hold_ms: int = Field(150, ge=0, le=10_000, description="How long a missed track is still drawn at its predicted box, in ms (at most track_keep_ms).")
+    track_hold_ms: int = Field(250, ge=0, le=10_000, description="How long a missed track is still drawn at its predicted box, in ms (at most track_keep_ms).")
     smoothing: bool = Field(True, description="Show each track's label filtered over its answers (steady against one noisy answer); off: its latest answer.")
     label_memory_ms: int = Field(100, ge=0, le=60_000, description="Smoothing: time over which earlier answers fade from a track's label, in ms (longer is steadier and slower to follow a change).")
     label_switch_margin: float = Field(0.2, ge=0, lt=1, description="Smoothing: a track's label changes only when the new one leads it by this much smoothed probability (steadies faces between two expressions).")

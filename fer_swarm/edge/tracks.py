@@ -61,7 +61,7 @@ class Track:
 class Tracker:
     """Gives each face a track id that lives while the face stays in view. Not thread-safe."""
 
-    def __init__(self, *, keep_ms: float = 500, hold_ms: float = 150, min_iou: float = 0.2, enabled: bool = True,
+    def __init__(self, *, keep_ms: float = 500, hold_ms: float = 250, min_iou: float = 0.2, enabled: bool = True,
                  confirm_score: float = 0.7):
         if hold_ms > keep_ms:
             raise ValueError("hold_ms cannot exceed keep_ms: a track is shown only while it is kept")
