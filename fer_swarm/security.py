@@ -13,6 +13,7 @@ without one.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
 import stat
@@ -165,12 +166,21 @@ def make_client(sock: zmq.Socket, keys: KeyPair, server_public: bytes) -> None:
 
 
 def is_local(endpoint: str) -> bool:
-    """True for endpoints only this machine can reach: loopback TCP, ipc:// and inproc://."""
+    """True for endpoints only this machine can reach: loopback TCP, ipc:// and inproc://.
+
+    The host is parsed as an address, never matched by prefix: ``127.0.0.1.example.com``
+    is a name anyone could point anywhere, so it gets encryption like any other.
+    """
     url = urlparse(endpoint)
     if url.scheme in ("inproc", "ipc"):
         return True
     host = (url.hostname or "").lower()
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,10 @@ def test_plaintext_off_loopback_needs_insecure(keys):
         Worker(WorkerSettings(broker="tcp://192.0.2.1:5556"))
     assert security.is_local("tcp://127.0.0.1:5555") and security.is_local("ipc:///tmp/x") and security.is_local("tcp://[::1]:1")
     assert not security.is_local("tcp://*:5555") and not security.is_local("tcp://pi.local:5556")
+    # Decided by parsing the address, not by its first characters.
+    assert security.is_local("tcp://localhost:5555") and security.is_local("tcp://127.8.9.10:5555")
+    assert not security.is_local("tcp://127.0.0.1.example.com:5555") and not security.is_local("tcp://1270.0.0.1:5")
+    assert not security.is_local("tcp://[::2]:5555") and not security.is_local("tcp://10.0.0.1:5555")
 
 
 def test_cli_key_errors_are_one_line(keys):
