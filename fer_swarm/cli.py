@@ -124,10 +124,21 @@ def run(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def _print_version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+        from .protocol import PROTOCOL_TAG
+
+        console.print(f"fer-swarm {__version__} (wire protocol {PROTOCOL_TAG.decode()})", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main(
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v: DEBUG)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and the wire protocol it speaks, and exit."),
 ) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)

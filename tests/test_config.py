@@ -80,3 +80,12 @@ def test_help_explains_every_setting():
     for name in config.BrokerSettings.model_fields:
         assert "--" + name.replace("_", "-") in flat
     assert "FER_SWARM_BROKER_SETTING" in flat and "…" not in res.stdout
+
+
+def test_version_names_the_package_and_the_wire_protocol():
+    from fer_swarm import __version__
+
+    from .conftest import run_cli
+
+    res = run_cli("--version", timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == f"fer-swarm {__version__} (wire protocol fer-swarm/2)"
