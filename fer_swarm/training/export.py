@@ -30,6 +30,7 @@ import tensorflow as tf
 from .. import metrics
 from ..errors import FerSwarmError
 from ..model import Classifier, ModelCard, Preprocessing, sha256_file, write_card
+from ..modelstats import model_stats
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ def export(
     fields = dict(card_fields)
     fields["metrics"] = {
         **fields.get("metrics", {}),
+        **{k: v for k, v in model_stats(out).to_dict().items() if k in ("mmac_per_face", "params")},
         "keras_val_accuracy": round(keras_acc, 5),
         "val_accuracy": round(shipped.report.accuracy, 5),
         "val_macro_f1": round(shipped.report.macro_f1, 5),
