@@ -163,6 +163,7 @@ def train(
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this TFLite model (float input, same classes), e.g. models/fer-vgg.tflite, labels computed once by LiteRT before training."),
     distill_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the loss given to matching the teacher (the rest: the true labels)."),
     temperature: float = typer.Option(3.0, min=1.0, help="Distillation temperature: above 1 softens both models' answers so the teacher's second choices teach too."),
+    label_smoothing: float = typer.Option(0.1, min=0.0, max=0.5, help="Share of each true label spread over the other classes (softer answers; 0 for none)."),
     bf16: bool = typer.Option(False, "--bf16", help="Train in mixed bfloat16 (float32 weights; export stays float32): faster on CPUs with AVX512-BF16 or AMX."),
 ) -> None:
     """Train the expression classifier on DATA_DIR and export a TFLite model plus its JSON sidecar.
@@ -178,6 +179,7 @@ def train(
         learning_rate=learning_rate, arch=arch, image_size=image_size, class_weight_power=class_weight_power,
         seed=seed, run_dir=run_dir, resume=resume, model_version=model_version, flip_average=flip_average,
         teacher=teacher, distill_weight=distill_weight, temperature=temperature, bf16=bf16,
+        label_smoothing=label_smoothing,
     )
     from .training.arch import ARCHITECTURES
 

@@ -67,12 +67,13 @@ class TrainOptions:
     def identity(self) -> dict:
         """The options that must match for --resume to continue the same run."""
         keep = ("data_dir", "val_dir", "val_fraction", "batch_size", "arch", "image_size", "seed", "epochs",
-                "teacher", "distill_weight", "temperature", "bf16")
+                "teacher", "distill_weight", "temperature", "bf16", "label_smoothing")
         return {k: str(v) for k, v in asdict(self).items() if k in keep}
 
 
 # What runs from before an option existed did, for --resume's comparison.
-_IDENTITY_BEFORE_OPTION = {"teacher": "None", "distill_weight": "0.5", "temperature": "3.0", "bf16": "False"}
+_IDENTITY_BEFORE_OPTION = {"teacher": "None", "distill_weight": "0.5", "temperature": "3.0", "bf16": "False",
+                          "label_smoothing": "0.1"}
 
 
 @dataclass
@@ -302,6 +303,7 @@ def run(opts: TrainOptions, *, verbose: int | None = None) -> dict:
             "arch": opts.arch,
             "flip_average": opts.flip_average,
             "bf16": opts.bf16,
+            "label_smoothing": opts.label_smoothing,
             "teacher": None if opts.teacher is None else {
                 "model": str(opts.teacher), "distill_weight": opts.distill_weight, "temperature": opts.temperature,
             },
