@@ -7,16 +7,17 @@ its cost sits at 24x24 and 12x12, where a face's expression features
 (mouth, brows, eyes) are a few pixels wide; a full-resolution second conv
 would cost a quarter more time for little accuracy.
 
-``res`` and ``sep`` are candidates for the Raspberry Pi, each about 44 MMAC
-per face (fer-vgg: 96 per pass), with fer-vgg's stages and depth, residual
-blocks and squeeze-excitation. ``sep`` makes each 3x3 convolution
-depthwise-separable (a 3x3 per channel, then a 1x1 mix: 9*C + C*C' MACs per
-pixel against 9*C*C'), as in mini-Xception and MobileNet; it runs well on a
-Pi but trains at about 450 s per FER2013 epoch on this project's two CPU
-cores, as TensorFlow's depthwise gradients are slow there. ``res`` gets the
-same saving from bottlenecks instead (a 1x1 down to half the width, a full
-3x3 there, a 1x1 back up, as in ResNet-50), which train at fer-vgg's speed
-per MAC.
+``res`` and ``sep`` are candidates for the Raspberry Pi (``res`` 41.4 MMAC
+per face, ``sep`` 44.1; fer-vgg: 96 per pass), with fer-vgg's stages and
+depth, residual blocks and squeeze-excitation. ``sep`` makes each 3x3
+convolution depthwise-separable (a 3x3 per channel, then a 1x1 mix: 9*C +
+C*C' MACs per pixel against 9*C*C'), as in mini-Xception and MobileNet; it
+suits a Pi but trains at about 450 s per FER2013 epoch on this project's two
+CPU cores, as TensorFlow's depthwise gradients are slow there. ``res`` gets
+the saving from bottlenecks instead (a 1x1 down to half the width, a full
+3x3 there, a 1x1 back up, as in ResNet-50); it trains at about fer-vgg's
+time per batch (memory-bound layers, not MACs, set training time here), some
+100-170 s per epoch in bfloat16. Figures: models/README.md.
 """
 
 from __future__ import annotations
