@@ -163,7 +163,7 @@ def train(
     epochs: int = typer.Option(40, min=1, help="Training epochs (the learning rate follows a cosine over them)."),
     batch_size: int = typer.Option(128, min=1, help="Images per training step."),
     learning_rate: float = typer.Option(2e-3, help="Peak learning rate (AdamW), reached after 2 warm-up epochs."),
-    arch: str = typer.Option("vgg", help="Network: 'vgg' (the shipped model) or 'tiny' (for tests and smoke runs)."),
+    arch: str = typer.Option("vgg", help="Network: 'vgg' (fer-vgg, 96 MMAC per pass), 'res' (bottleneck residual + squeeze-excitation, 41 MMAC), 'sep' (depthwise-separable, 44 MMAC; slow to train on CPU) or 'tiny' (tests and smoke runs)."),
     image_size: int = typer.Option(48, min=16, help="Side of the square gray input, in pixels."),
     class_weight_power: float = typer.Option(0.5, help="Class-imbalance weighting: 0 none, 1 fully balanced."),
     seed: int = typer.Option(1234, help="Random seed for the split, initialisation, shuffling and augmentation."),
@@ -171,6 +171,11 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last finished epoch."),
     flip_average: bool = typer.Option(False, "--flip-average", help="Export a model that averages its answer on the face and its mirror image (twice the inference time)."),
     model_version: str = typer.Option("1", help="Version string written into the sidecar and announced by workers."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this TFLite model (float input, same classes), e.g. models/fer-vgg.tflite, labels computed once by LiteRT before training."),
+    distill_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the loss given to matching the teacher (the rest: the true labels)."),
+    temperature: float = typer.Option(3.0, min=1.0, help="Distillation temperature: above 1 softens both models' answers so the teacher's second choices teach too."),
+    label_smoothing: float = typer.Option(0.1, min=0.0, max=0.5, help="Share of each true label spread over the other classes (softer answers; 0 for none)."),
+    bf16: bool = typer.Option(False, "--bf16", help="Train in mixed bfloat16 (float32 weights; export stays float32): faster on CPUs with AVX512-BF16 or AMX."),
 ) -> None:
     """Train the expression classifier on DATA_DIR and export a TFLite model plus its JSON sidecar.
 
@@ -184,9 +189,13 @@ def train(
         data_dir=data_dir, out=out, val_dir=val, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
         learning_rate=learning_rate, arch=arch, image_size=image_size, class_weight_power=class_weight_power,
         seed=seed, run_dir=run_dir, resume=resume, model_version=model_version, flip_average=flip_average,
+        teacher=teacher, distill_weight=distill_weight, temperature=temperature, bf16=bf16,
+        label_smoothing=label_smoothing,
     )
-    if arch not in ("vgg", "tiny"):
-        fail(f"unknown --arch {arch!r}: choose 'vgg' or 'tiny'", 2)
+    from .training.arch import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        fail(f"unknown --arch {arch!r}: choose from {', '.join(ARCHITECTURES)}", 2)
     summary = run(opts)
     table = Table(title=f"exported {summary['out']} ({summary['shipped']})")
     for col in ("variant", "KB", "agrees with Keras", "val accuracy", "val macro-F1", "ms/face"):
@@ -209,22 +218,38 @@ def train(
 @friendly_errors
 def eval_(
     data_dir: Path = typer.Argument(..., help="Labelled images, one subfolder per class, class names as in the model's labels."),
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) (default: the shipped model)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the confusion matrix as a PNG here."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) (default: the shipped model). Repeat to score several side by side on the same faces; times are given as a ratio to the first."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the confusion matrix as a PNG here (with several models: one per model, named PLOT-STEM-MODEL-NAME.png)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per model, one per line, instead of tables."),
 ) -> None:
-    """Score a model on DATA_DIR with the workers' runtime (LiteRT, one thread): accuracy, macro-F1,
-    per-class precision and recall, confusion matrix, and milliseconds per face."""
-    from . import metrics
+    """Score models on DATA_DIR with the workers' runtime (LiteRT, one thread): accuracy, macro-F1,
+    per-class precision and recall, confusion matrix, milliseconds per face, and what each model costs
+    (MMAC per face counted from its graph, parameters, file size)."""
     from .tools.evaluate import evaluate, plot_confusion
 
-    ev = evaluate(data_dir, model or _default_model())
-    if plot:
-        plot_confusion(ev.report, plot, title=ev.model_id)
-    result = ev.to_dict()
+    evs = evaluate(data_dir, model or [_default_model()])
+    for ev in evs:
+        if plot:
+            path = plot if len(evs) == 1 else plot.with_name(f"{plot.stem}-{ev.model.stem}{plot.suffix}")
+            plot_confusion(ev.report, path, title=ev.model_id)
+            if not as_json:
+                console.print(f"confusion matrix written to {path}")
+    results = [ev.to_dict() for ev in evs]
     if as_json:
-        print(json.dumps(result))
+        for result in results:
+            print(json.dumps(result))
         return
+    for ev, result in zip(evs, results):
+        _print_evaluation(ev, result, data_dir)
+    if len(evs) > 1:
+        _print_comparison(results)
+    if evs[0].unreadable:
+        err.print(f"[yellow]warning:[/] {len(evs[0].unreadable)} unreadable image(s) skipped")
+
+
+def _print_evaluation(ev, result: dict, data_dir: Path) -> None:
+    from . import metrics
+
     r = ev.report
     console.print(f"model {ev.model_id} ({ev.model}) on {data_dir}, runtime {ev.runtime}, n={r.n}")
     table = Table()
@@ -237,12 +262,26 @@ def eval_(
     console.print(metrics.format_confusion(r), highlight=False)
     console.print(
         f"accuracy {r.accuracy:.2%}  macro-F1 {r.macro_f1:.4f}  "
-        f"ms/face median {result['ms_per_face_median']:.3f}  p95 {result['ms_per_face_p95']:.3f} (1 thread)"
+        f"ms/face median {result['ms_per_face_median']:.3f}  p95 {result['ms_per_face_p95']:.3f} (1 thread)\n"
+        f"cost {result['mmac_per_face']:.1f} MMAC/face  {result['params']:,} parameters  "
+        f"{result['size_bytes'] / 1024:.0f} KB ({result['quantization']})"
     )
-    if ev.unreadable:
-        err.print(f"[yellow]warning:[/] {len(ev.unreadable)} unreadable image(s) skipped")
-    if plot:
-        console.print(f"confusion matrix written to {plot}")
+
+
+def _print_comparison(results: list[dict]) -> None:
+    base = results[0]["ms_per_face_median"]
+    table = Table(title="side by side: same faces, same runtime, 1 thread; ms ratio to the first model")
+    table.add_column("file", no_wrap=True)
+    table.add_column("quant", no_wrap=True)
+    for col in ("MMAC", "params", "KB", "acc %", "F1", "ms", "ratio"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in results:
+        table.add_row(
+            Path(r["model"]).stem, r["quantization"], f"{r['mmac_per_face']:.1f}", f"{r['params'] / 1e3:.0f}k",
+            f"{r['size_bytes'] / 1024:.0f}", f"{100 * r['accuracy']:.2f}", f"{r['macro_f1']:.3f}",
+            f"{r['ms_per_face_median']:.3f}", f"{r['ms_per_face_median'] / base:.2f}",
+        )
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- dataset crop

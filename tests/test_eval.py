@@ -109,3 +109,35 @@ def test_predict_rejects_wrong_crop_size(shipped_model):
     clf = Classifier(shipped_model)
     with pytest.raises(ModelError, match="2304"):
         clf.predict(np.zeros((10, 10), np.uint8))
+
+
+def test_eval_reports_compute_beside_accuracy(fer_sample, shipped_model):
+    res = run_cli("eval", str(fer_sample), "--model", str(shipped_model), "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["mmac_per_face"] == pytest.approx(192.4, abs=0.1)  # counted from the graph, mirror pass included
+    assert report["params"] > 1_000_000 and report["size_bytes"] == shipped_model.stat().st_size
+    assert report["quantization"] == load_card(shipped_model).quantization
+
+
+def test_eval_scores_several_models_side_by_side(fer_sample, shipped_model, tmp_path):
+    other = _model_copy(shipped_model, tmp_path)
+    res = run_cli("eval", str(fer_sample), "--model", str(shipped_model), "--model", str(other), "--json")
+    assert res.returncode == 0, res.stderr
+    first, second = (json.loads(line) for line in res.stdout.splitlines())
+    assert first["n"] == second["n"] == 140
+    assert first["accuracy"] == second["accuracy"]  # the same model on the same faces
+    assert first["confusion"] == second["confusion"]
+    text = run_cli("eval", str(fer_sample), "--model", str(shipped_model), "--model", str(other))
+    assert text.returncode == 0, text.stderr
+    assert "side by side" in text.stdout and "ratio" in text.stdout and "MMAC" in text.stdout
+    assert text.stdout.count("1.00") >= 1  # the first model's ratio to itself
+
+
+def test_eval_refuses_models_that_cannot_see_the_same_faces(fer_sample, shipped_model, tmp_path):
+    other = _model_copy(shipped_model, tmp_path)
+    card = json.loads(other.with_suffix(".json").read_text())
+    card["labels"] = list(reversed(card["labels"]))
+    other.with_suffix(".json").write_text(json.dumps(card))
+    res = run_cli("eval", str(fer_sample), "--model", str(shipped_model), "--model", str(other))
+    assert res.returncode == 1 and "same faces" in error_lines(res.stderr)[0]

@@ -88,3 +88,32 @@ def test_train_on_empty_class_is_one_error_line(tmp_path):
     res = run_cli("train", str(tmp_path), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny")
     assert res.returncode == 1
     assert "c" in error_lines(res.stderr)[0] and "Traceback" not in res.stderr
+
+
+def test_int8_export_passes_the_agreement_gate_on_a_labelled_sample(trained):
+    root, _, out, _ = trained
+    card = load_card(out)
+    int8 = card.metrics["candidates"]["int8"]
+    assert int8["agreement_with_keras"] >= 0.99
+    assert int8["val_accuracy"] >= card.metrics["candidates"]["float"]["val_accuracy"] - 0.005
+    assert card.quantization == "int8" and card.input_dtype == "uint8"  # int8 is the first choice when it passes
+    assert card.metrics["mmac_per_face"] > 0 and card.metrics["params"] > 0
+
+
+def test_distilled_bf16_training_records_its_teacher_and_resumes(trained, tmp_path):
+    root, data, _, _ = trained
+    teacher = root / "run" / "export" / "tiny-dynamic.tflite"  # float input, the pattern set's classes
+    out = tmp_path / "student.tflite"
+    args = ("train", str(data), "--out", str(out), "--epochs", "1", "--arch", "tiny", "--batch-size", "16",
+            "--val-fraction", "0.25", "--run-dir", str(tmp_path / "run"), "--teacher", str(teacher),
+            "--distill-weight", "0.6", "--temperature", "2", "--bf16")
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    card = load_card(out)
+    assert card.training["teacher"] == {"model": str(teacher), "distill_weight": 0.6, "temperature": 2.0}
+    assert card.training["bf16"] is True
+    assert "teacher labelled 90 training images" in res.stderr
+    resumed = run_cli(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    other_teacher = run_cli(*args[:-7], "--bf16", "--resume")  # the same run without its teacher is another run
+    assert other_teacher.returncode == 1 and "teacher" in error_lines(other_teacher.stderr)[0]

@@ -1,7 +1,14 @@
-"""``fer-swarm eval``: score a shipped model on a folder-per-class set, with the workers' runtime.
+"""``fer-swarm eval``: score shipped models on a folder-per-class set, with the workers' runtime.
 
-Runs the TFLite file through :class:`fer_swarm.model.Classifier` on one thread
-(LiteRT, no TensorFlow), so the figures are the ones a worker thread gets.
+Runs each TFLite file through :class:`fer_swarm.model.Classifier` on one
+thread (LiteRT, no TensorFlow), so the figures are the ones a worker thread
+gets, beside what the model costs (MMAC per face, parameters, file size:
+:mod:`fer_swarm.modelstats`).
+
+Several models are scored on the same faces, and timed image by image in
+turn (face 1 on every model, then face 2, ...), so a change of load on the
+machine during the run falls on all of them alike: their ratio of
+milliseconds holds from one CPU to another far better than the milliseconds.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import cv2
 import numpy as np
 
 from .. import datasets, metrics
+from ..errors import ModelError
 from ..model import Classifier, runtime_name
+from ..modelstats import ModelStats, model_stats
 
 
 @dataclass
@@ -25,12 +34,16 @@ class Evaluation:
     report: metrics.Report
     ms_per_face: np.ndarray
     unreadable: list[Path]
+    stats: ModelStats
+    quantization: str
 
     def to_dict(self) -> dict:
         return {
             "model": str(self.model),
             "model_id": self.model_id,
             "runtime": self.runtime,
+            "quantization": self.quantization,
+            **self.stats.to_dict(),
             **self.report.to_dict(),
             "ms_per_face_median": round(float(np.median(self.ms_per_face)), 4),
             "ms_per_face_p95": round(float(np.percentile(self.ms_per_face, 95)), 4),
@@ -38,26 +51,43 @@ class Evaluation:
         }
 
 
-def evaluate(data_dir: Path, model_path: Path) -> Evaluation:
-    """Predict every readable image of ``data_dir`` one at a time and time each call."""
-    clf = Classifier(model_path, threads=1)
-    data = datasets.load_gray(datasets.scan(data_dir), clf.crop_size, classes=clf.labels)
-    clf.predict(data.images[0])  # the first call pays for lazy kernel set-up; keep it out of the timings
-    preds = np.empty(len(data.labels), np.int64)
-    times = np.empty(len(data.labels))
+def evaluate(data_dir: Path, model_paths: list[Path], *, threads: int = 1) -> list[Evaluation]:
+    """Predict every readable image of ``data_dir`` with each model, one image at a time, timing each call.
+
+    The models must take the same crop size and labels (so they see the same faces).
+    """
+    clfs = [Classifier(p, threads=threads) for p in model_paths]
+    first = clfs[0]
+    for clf in clfs[1:]:
+        if clf.crop_size != first.crop_size or clf.labels != first.labels:
+            raise ModelError(
+                f"{clf.path} takes {clf.crop_size} crops labelled {', '.join(clf.labels)}; {first.path} takes "
+                f"{first.crop_size} labelled {', '.join(first.labels)}: they cannot be scored on the same faces"
+            )
+    data = datasets.load_gray(datasets.scan(data_dir), first.crop_size, classes=first.labels)
+    for clf in clfs:
+        clf.predict(data.images[0])  # the first call pays for lazy kernel set-up; keep it out of the timings
+    preds = np.empty((len(clfs), len(data.labels)), np.int64)
+    times = np.empty((len(clfs), len(data.labels)))
     for i, img in enumerate(data.images):
-        t0 = time.perf_counter()
-        probs = clf.predict(img)
-        times[i] = (time.perf_counter() - t0) * 1000
-        preds[i] = int(np.argmax(probs))
-    return Evaluation(
-        model=model_path,
-        model_id=clf.card.model_id,
-        runtime=runtime_name(),
-        report=metrics.classification_report(data.labels, preds, clf.labels),
-        ms_per_face=times,
-        unreadable=data.unreadable,
-    )
+        for m, clf in enumerate(clfs):
+            t0 = time.perf_counter()
+            probs = clf.predict(img)
+            times[m, i] = (time.perf_counter() - t0) * 1000
+            preds[m, i] = int(np.argmax(probs))
+    return [
+        Evaluation(
+            model=clf.path,
+            model_id=clf.card.model_id,
+            runtime=runtime_name(),
+            report=metrics.classification_report(data.labels, preds[m], clf.labels),
+            ms_per_face=times[m],
+            unreadable=data.unreadable,
+            stats=model_stats(clf.path),
+            quantization=clf.card.quantization,
+        )
+        for m, clf in enumerate(clfs)
+    ]
 
 
 def plot_confusion(report: metrics.Report, path: Path, title: str = "") -> None:
