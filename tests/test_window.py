@@ -39,8 +39,16 @@ def display():
         xvfb.wait(10)
 
 
+def screen_shows_labelled_faces(shot: bytes) -> bool:
+    """The window shows the 640x480 frame (a large non-black region) with green label boxes in it."""
+    screen = read_xwd(shot)
+    lit = (screen[..., :3].max(axis=2) > 30)
+    green = (screen[..., 1] > 150) & (screen[..., 0] < 120) & (screen[..., 2] < 120)
+    return bool(lit.sum() > 0.4 * 640 * 480 and green.sum() > 200)
+
+
 def test_edge_shows_labelled_frames_in_a_window(display, tmp_path):
-    clip = sample_clip(tmp_path / "clip.mp4", frames=60, faces=2, fps=15)
+    clip = sample_clip(tmp_path / "clip.mp4", frames=150, faces=2, fps=15)  # 10 s played in real time
     with zmq_context() as ctx:
         b = BrokerThread(ctx)
         w = WorkerThread(ctx, b.backend)
@@ -50,19 +58,18 @@ def test_edge_shows_labelled_frames_in_a_window(display, tmp_path):
             edge = subprocess.Popen([sys.executable, "-m", "fer_swarm", "-q", "edge", "--broker", b.frontend, "--video",
                                      str(clip), "--realtime"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
-            time.sleep(2.5)  # mid-clip: the window is up and playing
-            shot = subprocess.run(["xwd", "-root", "-silent", "-display", display], capture_output=True, timeout=20)
+            # Look at the screen until the window plays labelled frames; a loaded machine may take a while to open it.
+            shown, deadline = False, time.monotonic() + 30
+            while not shown and edge.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+                shot = subprocess.run(["xwd", "-root", "-silent", "-display", display], capture_output=True, timeout=20)
+                shown = shot.returncode == 0 and screen_shows_labelled_faces(shot.stdout)
             out, errs = edge.communicate(timeout=60)
         finally:
             w.stop()
             b.stop()
     assert edge.returncode == 0, errs[-2000:]
+    assert shown, "the window never showed the frame with a green label box"
     faces, labelled = map(int, re.search(r"faces\D+(\d+) in \d+ track\(s\) \((\d+) labelled\)", out).groups())
     # Real time on a loaded machine drops frames, so no count of them is asserted, only that they were labelled.
     assert faces >= 20 and labelled >= 0.9 * faces
-    screen = read_xwd(shot.stdout)
-    # The window shows the 640x480 frame: a large non-black region, and the green label boxes in it.
-    lit = (screen[..., :3].max(axis=2) > 30)
-    assert lit.sum() > 0.4 * 640 * 480
-    green = (screen[..., 1] > 150) & (screen[..., 0] < 120) & (screen[..., 2] < 120)
-    assert green.sum() > 200, "no label box drawn"
