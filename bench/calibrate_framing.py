@@ -102,12 +102,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     args = ap.parse_args()
 
-    detector = make_detector(args.detector, detect_width_px=320 if args.detector == "yunet" else 480,
-                             min_face_px=24 if args.detector == "yunet" else 48)
+    detector = make_detector(args.detector)
     clf = Classifier(args.model)
     found = {k: matches(args.clips, k, detector, args.every) for k in args.kinds.split(",")}
     fitted = fit([m for v in found.values() for m in v])
-    print(f"{args.detector}: fitted on {sum(len(v) for v in found.values())} detections: {fitted.model_dump()}")
+    print(f"{args.detector} at {detector.detect_width_px} px: fitted on {sum(len(v) for v in found.values())} detections: {fitted.model_dump()}")
     candidates = {
         "default now": DEFAULT_FRAMINGS[args.detector],
         "fitted": fitted,

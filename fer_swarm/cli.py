@@ -306,7 +306,7 @@ def dataset_crop(
     from .tools.crop import count_photos, crop_dataset
 
     card = load_card(model or DEFAULT_MODEL)
-    found = make_detector(detector, detect_width_px=detect_width, min_face_px=24 if detector == "yunet" else 48)
+    found = make_detector(detector, detect_width_px=detect_width)
     total = count_photos(raw_dir)
     with Progress(console=err, transient=True) as progress:
         task = progress.add_task("cropping", total=total)

@@ -219,21 +219,30 @@ class HaarDetector:
         return [Face(b) for b in sorted(boxes, key=lambda b: b.w * b.h, reverse=True)]
 
 
-def make_detector(name: str, *, detect_width_px: int, min_face_px: int, score_threshold: float = 0.4,
-                  nms_threshold: float = 0.3, model: str | Path = YUNET_MODEL) -> FaceDetector:
-    """The detector called ``name`` ("yunet" or "haar") with the edge's settings.
+# Each detector's own defaults: (detect width in px, smallest face in frame px), chosen by
+# bench/detector_sweep.py (docs/performance.md, "Detector settings").
+DETECTOR_DEFAULTS = {"yunet": (640, 24), "haar": (480, 48)}
+
+
+def make_detector(name: str, *, detect_width_px: int | None = None, min_face_px: int | None = None,
+                  score_threshold: float = 0.4, nms_threshold: float = 0.3,
+                  model: str | Path = YUNET_MODEL) -> FaceDetector:
+    """The detector called ``name`` ("yunet" or "haar"); unset sizes take that detector's defaults.
 
     ``min_face_px`` is in frame pixels for both (Haar searches the scaled copy,
     so its minimum is scaled to match).
     """
+    if name not in DETECTOR_DEFAULTS:
+        raise FerSwarmError(f"unknown detector {name!r}: choose yunet or haar")
+    default_width, default_min_face = DETECTOR_DEFAULTS[name]
+    width = default_width if detect_width_px is None else detect_width_px
+    min_face = default_min_face if min_face_px is None else min_face_px
     if name == "yunet":
-        return YuNetDetector(model, detect_width_px=detect_width_px, score_threshold=score_threshold,
-                             nms_threshold=nms_threshold, min_face_px=min_face_px)
-    if name == "haar":
-        # The cascade's minimum is in pixels of the scaled copy; 640 px frames are the common case.
-        scale = min(1.0, detect_width_px / 640) if detect_width_px > 0 else 1.0
-        return HaarDetector(detect_width_px=detect_width_px, min_face_px=max(20, round(min_face_px * scale)))
-    raise FerSwarmError(f"unknown detector {name!r}: choose yunet or haar")
+        return YuNetDetector(model, detect_width_px=width, score_threshold=score_threshold,
+                             nms_threshold=nms_threshold, min_face_px=min_face)
+    # The cascade's minimum is in pixels of the scaled copy; 640 px frames are the common case.
+    scale = min(1.0, width / 640) if width > 0 else 1.0
+    return HaarDetector(detect_width_px=width, min_face_px=max(20, round(min_face * scale)))
 
 
 def crop_square(face: Face, framing: Framing) -> tuple[float, float, float, float]:

@@ -30,8 +30,7 @@ def stage_ms(clip: Path, detector_name: str, detect_width_px: int) -> dict:
     from ..edge.draw import draw_faces
     from ..edge.pipeline import FaceOutcome
 
-    detector = make_detector(detector_name, detect_width_px=detect_width_px,
-                             min_face_px=24 if detector_name == "yunet" else 48)
+    detector = make_detector(detector_name, detect_width_px=detect_width_px)
     framing = DEFAULT_FRAMINGS[detector_name]
     cap = cv2.VideoCapture(str(clip))
     times: dict[str, list[float]] = {"capture": [], "detect": [], "crop+encode": [], "draw": []}

@@ -120,11 +120,8 @@ class _Tally:
 
 def edge_detector(settings: EdgeSettings) -> FaceDetector:
     """The face detector the settings ask for, with each detector's own defaults where they are unset."""
-    yunet = settings.detector == "yunet"
-    width = settings.detect_width_px if settings.detect_width_px is not None else (640 if yunet else 480)
-    min_face = settings.min_face_px if settings.min_face_px is not None else (24 if yunet else 48)
     kwargs = {"model": settings.yunet_model} if settings.yunet_model is not None else {}
-    return make_detector(settings.detector, detect_width_px=width, min_face_px=min_face,
+    return make_detector(settings.detector, detect_width_px=settings.detect_width_px, min_face_px=settings.min_face_px,
                          score_threshold=settings.score_threshold, nms_threshold=settings.nms_threshold, **kwargs)
 
 
