@@ -23,11 +23,12 @@ broker) imports it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["Framing", "DEFAULT_FRAMINGS", "DETECTORS"]
+__all__ = ["Framing", "DEFAULT_FRAMINGS", "framing_for"]
 
-DETECTORS = ("yunet", "haar")
 
 
 class Framing(BaseModel):
@@ -51,3 +52,8 @@ DEFAULT_FRAMINGS: dict[str, Framing] = {
     "yunet": Framing(scale=1.01, shift_y=-0.025),
     "haar": Framing(scale=1.05),
 }
+
+
+def framing_for(declared: Mapping[str, Framing], detector: str) -> Framing:
+    """The framing a model declares for ``detector``; FER2013's where it declares none."""
+    return declared.get(detector) or DEFAULT_FRAMINGS.get(detector) or Framing()

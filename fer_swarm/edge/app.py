@@ -29,7 +29,7 @@ import zmq
 from ..config import EdgeSettings
 from ..errors import FerSwarmError
 from ..faces import FaceDetector, crop_face, make_detector, to_gray
-from ..framing import DEFAULT_FRAMINGS, Framing
+from ..framing import framing_for
 from ..protocol import MAX_CROPS
 from ..security import client_security
 from .client import SwarmClient
@@ -212,8 +212,7 @@ class _EdgeRun:
         model = client.welcome.model  # type: ignore[union-attr]
         self.crop_size = (model.width_px, model.height_px)
         # The pool's model says how it wants this detector's boxes framed.
-        name = getattr(detector, "name", "")
-        self.framing = model.framing.get(name) or DEFAULT_FRAMINGS.get(name) or Framing()
+        self.framing = framing_for(model.framing, getattr(detector, "name", ""))
         self.tracker = Tracker(keep_ms=settings.track_keep_ms, hold_ms=settings.track_hold_ms,
                                enabled=settings.tracking)
         self.budget = RelabelBudget(settings.relabel_ms)

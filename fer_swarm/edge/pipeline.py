@@ -126,6 +126,7 @@ class ShownFrame:
 @dataclass
 class _Face:
     track: int
+    time_s: float  # its frame's time in the source: when an answer for it holds
     box: Box
     landmarks: tuple[Point, ...] | None
     sent: bool
@@ -139,6 +140,9 @@ class _Face:
     @property
     def waiting(self) -> bool:
         return self.sent and self.raw is None and self.error is None
+
+    def replied(self, now: float) -> None:
+        self.latency_ms = None if self.sent_at is None else (now - self.sent_at) * 1000.0
 
 
 @dataclass
@@ -185,7 +189,7 @@ class FramePipeline:
         if len(send) != len(tracks):
             raise ValueError("one send flag per track")
         self._last_index = index
-        faces = {tr.id: _Face(tr.id, tr.box, None if tr.missed else tr.face.landmarks, s)
+        faces = {tr.id: _Face(tr.id, time_s, tr.box, None if tr.missed else tr.face.landmarks, s)
                  for tr, s in zip(tracks, send)}
         if len(faces) != len(tracks):
             raise ValueError(f"frame {index} shows a track twice")
@@ -226,8 +230,7 @@ class FramePipeline:
         answered = 0
         if isinstance(msg, Result):
             for f in msg.faces:
-                pending = self._pending.get(f.id.frame) if f.id.stream == self.stream else None
-                face = pending.faces.get(f.id.face) if pending is not None else None
+                face = self._face(f.id)
                 if face is None or not face.waiting:
                     self.late_replies += 1
                     log.debug("late or unknown RESULT for %s", f.id)
@@ -235,8 +238,8 @@ class FramePipeline:
                     if shown_at is not None:  # still news about that track's face
                         self.labels.answer(f.id.face, f.probabilities, shown_at)
                     continue
-                self.labels.answer(face.track, f.probabilities, pending.time_s)
-                face.latency_ms = None if face.sent_at is None else (now - face.sent_at) * 1000.0
+                self.labels.answer(face.track, f.probabilities, face.time_s)
+                face.replied(now)
                 face.raw = dict(label=f.label, probabilities=MappingProxyType(dict(f.probabilities)), worker=msg.worker)
                 answered += 1
             return answered
@@ -247,7 +250,7 @@ class FramePipeline:
                 log.debug("late or unknown %s for %s dropped", msg.command.value, id)
                 continue
             face.error, face.reason = msg.command.value, msg.reason
-            face.latency_ms = None if face.sent_at is None else (now - face.sent_at) * 1000.0
+            face.replied(now)
             answered += 1
         return answered
 

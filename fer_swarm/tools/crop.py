@@ -16,7 +16,7 @@ import cv2
 
 from .. import datasets
 from ..faces import FaceDetector, YuNetDetector, crop_face, to_gray
-from ..framing import DEFAULT_FRAMINGS, Framing
+from ..framing import framing_for
 from ..model import ModelCard
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def crop_dataset(
     """
     folders = datasets.scan(raw_dir, allow_empty_class=True)
     detector = detector or YuNetDetector(detect_width_px=640)
-    framing = card.framing.get(detector.name) or DEFAULT_FRAMINGS.get(detector.name) or Framing()
+    framing = framing_for(card.framing, detector.name)
     size = (card.preprocessing.width_px, card.preprocessing.height_px)
     tallies: dict[str, ClassTally] = {}
     for cls in folders.classes:
