@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = ["Framing", "DEFAULT_FRAMINGS", "framing_for"]
 
 
-
 class Framing(BaseModel):
     """How one detector's box maps to the crop square a model was trained on."""
 
