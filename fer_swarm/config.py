@@ -49,6 +49,9 @@ class BrokerSettings(Settings):
     client_keys: Path | None = Field(None, description="Folder of public keys (*.key) of the edge clients allowed to connect.")
     worker_keys: Path | None = Field(None, description="Folder of public keys (*.key) of the workers allowed to connect.")
     insecure: bool = Field(False, description="Allow plaintext on a non-loopback endpoint (anyone on the network can read face crops).")
+    drain_grace_s: float = Field(5.0, ge=0, le=600, description="On SIGTERM or Ctrl-C, seconds to wait for jobs already at workers before answering the rest and exiting; new jobs are answered BUSY meanwhile.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (/metrics); 0 turns them off.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics port binds; loopback unless you open it on purpose (e.g. 0.0.0.0).")
 
     @model_validator(mode="after")
     def _queues(self):
@@ -74,6 +77,9 @@ class WorkerSettings(Settings):
     secret_key: Path | None = Field(None, description="This worker's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
     broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
     insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")
+    drain_grace_s: float = Field(5.0, ge=0, le=600, description="On SIGTERM or Ctrl-C, seconds to finish and send the jobs in hand before leaving the broker (new ones are refused meanwhile).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (/metrics); 0 turns them off.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics port binds; loopback unless you open it on purpose (e.g. 0.0.0.0).")
 
     @model_validator(mode="after")
     def _echo_crop_needs_echo(self):
@@ -117,6 +123,8 @@ class EdgeSettings(Settings):
     secret_key: Path | None = Field(None, description="This edge client's CURVE secret key file (fer-swarm keys generate NAME); turns encryption on.")
     broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
     insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker (anyone on the network can read face crops).")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics over HTTP on this port (/metrics); 0 turns them off.")
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics port binds; loopback unless you open it on purpose (e.g. 0.0.0.0).")
 
     @model_validator(mode="after")
     def _hold_within_keep(self):
