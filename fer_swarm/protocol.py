@@ -7,11 +7,12 @@ the layout as this code packs it.
 Frame layout (after the routing identity a ROUTER socket adds on receive and
 strips on send; DEALER peers send no empty delimiter frame)::
 
-    frame 0   b"fer-swarm/2"        protocol tag and version, ASCII
+    frame 0   b"fer-swarm/3"        protocol tag and version, ASCII
     frame 1   b"JOB"                command, an ASCII upper-case word
     frame 2   b'{"ids":[...],...}'  header: one UTF-8 JSON object, <= 8192 bytes
-    frame 3.. b"\\x00\\x17..."         payloads: JOB only, one frame per crop (1..16, as many
-                                    as ``ids``), each width_px*height_px gray8 bytes, row-major
+    frame 3.. b"\\x00\\x17..."         payloads: JOB: one frame per crop (1..16, as many as ``ids``),
+                                    each width_px*height_px gray8 bytes, row-major;
+                                    REPORT: one frame, the broker's status as a UTF-8 JSON object
 
 A ROUTER socket sees ``[identity, frame 0, frame 1, frame 2, ...]``; use
 ``decode_routed``/``encode_routed`` there and ``decode``/``encode`` on DEALER
@@ -29,6 +30,8 @@ Commands (header fields in the model of the same name below)::
     EXPIRED     broker -> client            deadline passed before a result
     BUSY        broker -> client            queue full, job not accepted
     ERROR       broker|worker -> client     job malformed or failed, with reason
+    STATUS      client -> broker            asks for the broker's status (operators' tools)
+    REPORT      broker -> client            the status: workers, clients, queue, counters, latency
 
 One JOB carries the crops of one frame (or any crops of the same size) so that
 each hop pays its per-message cost once per frame, not once per face; every
@@ -54,14 +57,16 @@ from .framing import Framing
 __all__ = [
     "MAX_CROPS", "MAX_HEADER_BYTES", "MAX_INT", "PROTOCOL_TAG", "Command", "CorrelationId", "ModelInfo", "Message",
     "Hello", "Welcome", "Ready", "Job", "FaceResult", "Result", "Heartbeat", "Disconnect", "Expired", "Busy", "Error",
+    "Status", "Report", "MAX_REPORT_BYTES",
     "encode", "decode", "encode_routed", "decode_routed", "error_reply",
 ]
 
-PROTOCOL_TAG = b"fer-swarm/2"
+PROTOCOL_TAG = b"fer-swarm/3"
 MAX_HEADER_BYTES = 8192
 MAX_INT = 2**53 - 1  # integers in headers stay exact in every JSON parser (JavaScript, C# double)
 MAX_CROPS = 16  # crops in one JOB; a RESULT for 16 faces of a 7-class model stays well under the header limit
 MAX_REASON_CHARS = 500
+MAX_REPORT_BYTES = 1 << 20  # a REPORT's JSON: room for the status of hundreds of workers and clients
 _TAG_PREFIX = b"fer-swarm/"
 
 
@@ -78,6 +83,8 @@ class Command(str, enum.Enum):
     EXPIRED = "EXPIRED"
     BUSY = "BUSY"
     ERROR = "ERROR"
+    STATUS = "STATUS"
+    REPORT = "REPORT"
 
 
 class _Frozen(BaseModel):
@@ -145,8 +152,11 @@ class Welcome(_Frozen):
     command: ClassVar[Command] = Command.WELCOME
     model: ModelInfo | None = Field(description="the pool's model; null while no worker is registered")
     workers: int = Field(ge=0, description="workers registered now")
-    max_payload_bytes: int = Field(ge=1, description="largest JOB payload the broker accepts")
+    max_payload_bytes: int = Field(ge=1, description="largest JOB payload frame (one crop) the broker accepts")
     heartbeat_interval_s: float = Field(gt=0, description="each side sends HEARTBEAT this often")
+    max_deadline_ms: int = Field(ge=1, description="longer JOB deadlines are cut to this")
+    max_queue_jobs: int = Field(ge=1, description="JOBs of this client the broker holds waiting; beyond, BUSY")
+    max_queue_bytes: int = Field(ge=1, description="bytes of pixels of this client the broker holds waiting; beyond, BUSY")
 
 
 class Ready(_Frozen):
@@ -155,7 +165,13 @@ class Ready(_Frozen):
     command: ClassVar[Command] = Command.READY
     worker: str = Field(min_length=1, max_length=64, description="worker name, unique in the pool")
     capacity: int = Field(ge=1, le=1024, description="JOBs the worker can hold at once")
+    threads: int | None = Field(None, ge=1, le=1024,
+                                description="JOBs it works on at the same time; null: half of capacity, rounded up")
     model: ModelInfo
+
+    @property
+    def concurrency(self) -> int:
+        return min(self.capacity, self.threads or (self.capacity + 1) // 2)
 
 
 def _unique_ids(ids: tuple[CorrelationId, ...]) -> tuple[CorrelationId, ...]:
@@ -273,18 +289,45 @@ class Error(_JobFailure):
     command: ClassVar[Command] = Command.ERROR
 
 
-Message = Hello | Welcome | Ready | Job | Result | Heartbeat | Disconnect | Expired | Busy | Error
+class Status(_Frozen):
+    """Client -> broker: asks for the broker's status. Header ``{}``; answered by REPORT."""
+
+    command: ClassVar[Command] = Command.STATUS
+
+
+class Report(_Frozen):
+    """Broker -> client: the broker's status, a JSON object in the one payload frame (header ``{}``).
+
+    docs/protocol.md lists its fields; :meth:`of` builds one, :attr:`status` reads it.
+    """
+
+    command: ClassVar[Command] = Command.REPORT
+    body: bytes = Field(repr=False, max_length=MAX_REPORT_BYTES, description="UTF-8 JSON object")
+
+    @classmethod
+    def of(cls, status: dict[str, Any]) -> Report:
+        return cls(body=json.dumps(status, separators=(",", ":"), allow_nan=False).encode())
+
+    @property
+    def status(self) -> dict[str, Any]:
+        data = json.loads(self.body)
+        if not isinstance(data, dict):
+            raise ValueError("REPORT body is not a JSON object")
+        return data
+
+
+Message = Hello | Welcome | Ready | Job | Result | Heartbeat | Disconnect | Expired | Busy | Error | Status | Report
 
 _CLASSES: dict[bytes, type[_Frozen]] = {
     cls.command.value.encode("ascii"): cls
-    for cls in (Hello, Welcome, Ready, Job, Result, Heartbeat, Disconnect, Expired, Busy, Error)
+    for cls in (Hello, Welcome, Ready, Job, Result, Heartbeat, Disconnect, Expired, Busy, Error, Status, Report)
 }
 
 
 _VALUES = frozenset(_CLASSES.values())
 _WIRE = {cls: word for word, cls in _CLASSES.items()}
-# What frame 2 is validated against, per command.
-_HEADERS: dict[bytes, type[_Frozen]] = {**_CLASSES, b"JOB": _JobHeader}
+# What frame 2 is validated against, per command (REPORT's header is ``{}``, like STATUS's).
+_HEADERS: dict[bytes, type[_Frozen]] = {**_CLASSES, b"JOB": _JobHeader, b"REPORT": Status}
 
 
 def _payloads_mismatch(width_px: int, height_px: int, crops: int, sizes: list[int]) -> str:
@@ -339,6 +382,8 @@ def encode(msg: Message) -> list[bytes]:
     if cls is Job:
         header = msg.model_dump_json(exclude={"payloads"}).encode()
         tail = list(msg.payloads)
+    elif cls is Report:
+        header, tail = b"{}", [msg.body]
     elif cls in _VALUES:
         header = msg.model_dump_json().encode()
         tail = []
@@ -408,12 +453,20 @@ def _decode_body(
         for i, crop in enumerate(crops):
             if len(crop) > max_payload_bytes:
                 raise _fail(f"JOB payload {i} is {len(crop)} bytes; limit is {max_payload_bytes}")
+    elif cls is Report:
+        if payloads != 1:
+            raise _fail(f"REPORT takes exactly 1 payload frame (its JSON), got {payloads}")
+        body = _as_bytes(frames[3])
+        if len(body) > MAX_REPORT_BYTES:
+            raise _fail(f"REPORT payload is {len(body)} bytes; limit is {MAX_REPORT_BYTES}")
     elif payloads:
         raise _fail(f"{name} takes no payload frames, got {payloads}")
     try:
         parsed = header_cls.model_validate_json(header, strict=True)
     except ValidationError as e:
         raise _fail(_header_problem(name, header, e)) from None
+    if cls is Report:
+        return Report(body=body)
     if cls is not Job:
         return parsed  # type: ignore[return-value]
     reason = _payloads_mismatch(parsed.width_px, parsed.height_px,  # type: ignore[attr-defined]
@@ -425,6 +478,8 @@ def _decode_body(
 
 
 def _tag_problem(tag: bytes) -> str:
+    if tag.strip() == PROTOCOL_TAG:
+        return f"protocol tag {_show(tag)} has white space around it; send exactly {PROTOCOL_TAG.decode()!r}"
     if tag.startswith(_TAG_PREFIX):
         return f"unsupported protocol version {_show(tag)}; this peer speaks {PROTOCOL_TAG.decode()}"
     if tag == b"":

@@ -88,4 +88,4 @@ def test_version_names_the_package_and_the_wire_protocol():
     from .conftest import run_cli
 
     res = run_cli("--version", timeout=60)
-    assert res.returncode == 0 and res.stdout.strip() == f"fer-swarm {__version__} (wire protocol fer-swarm/2)"
+    assert res.returncode == 0 and res.stdout.strip() == f"fer-swarm {__version__} (wire protocol fer-swarm/3)"

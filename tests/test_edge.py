@@ -136,7 +136,8 @@ class Router(threading.Thread):
             self.hellos += 1
             sock.send_multipart([identity, b"junk"])  # malformed: the client must drop it and carry on
             welcome = Welcome(model=self.model, workers=1 if self.model else 0,
-                              max_payload_bytes=1 << 20, heartbeat_interval_s=1.0)
+                              max_payload_bytes=1 << 20, heartbeat_interval_s=1.0, max_deadline_ms=10000,
+                              max_queue_jobs=200, max_queue_bytes=4 << 20)
             sock.send_multipart(encode_routed(identity, welcome))
         elif isinstance(msg, Heartbeat):
             sock.send_multipart(encode_routed(identity, Heartbeat()))

@@ -158,7 +158,7 @@ def hostile(draw) -> list[bytes]:
         frames = [p.PROTOCOL_TAG, b"JOB", json.dumps(header).encode(), *payloads]
     else:
         frames[0] = draw(st.sampled_from([b"fer-swarm/1", b"fer-swarm/3", b"fer-swarm/", b"FER-SWARM/2", b"",
-                                          b"fer-swarm/2\x00", b"fer-swarm/20"]))
+                                          b"fer-swarm/3\x00", b"fer-swarm/30", b"fer-swarm/2"]))
     return frames
 
 

@@ -16,6 +16,8 @@ from fer_swarm.protocol import (
     MAX_INT,
     PROTOCOL_TAG,
     Busy,
+    Report,
+    Status,
     Command,
     CorrelationId,
     Disconnect,
@@ -81,9 +83,14 @@ RESULT3 = _result((_face(CID, "happy"), _face(CID2, "sad", inference_ms=0.0), _f
 SAMPLES = [
     Hello(client="unity-headset 0.3"),
     Hello(),
-    Welcome(model=MODEL, workers=2, max_payload_bytes=1 << 20, heartbeat_interval_s=1.0),
-    Welcome(model=None, workers=0, max_payload_bytes=4096, heartbeat_interval_s=0.5),
+    Welcome(model=MODEL, workers=2, max_payload_bytes=1 << 20, heartbeat_interval_s=1.0, max_deadline_ms=10000,
+            max_queue_jobs=200, max_queue_bytes=4 << 20),
+    Welcome(model=None, workers=0, max_payload_bytes=4096, heartbeat_interval_s=0.5, max_deadline_ms=1,
+            max_queue_jobs=1, max_queue_bytes=1),
     Ready(worker="pi-kitchen", capacity=4, model=MODEL),
+    Ready(worker="pi-kitchen", capacity=16, threads=4, model=MODEL),
+    Status(),
+    Report.of({"workers": [], "clients": [], "queue": {"jobs": 0}, "counters": {}}),
     _job(),
     _job(job=17, width_px=1, height_px=1, payloads=(b"\xff",)),
     _job(job=18, ids=(CID, CID2, CID3), payloads=(PIXELS, PIXELS2, PIXELS3)),
@@ -128,7 +135,7 @@ def test_round_trip(msg: object) -> None:
 
 def test_frame_layout_and_header_json() -> None:
     tag, word, header, payload = encode(_job(job=5))
-    assert tag == b"fer-swarm/2" == PROTOCOL_TAG
+    assert tag == b"fer-swarm/3" == PROTOCOL_TAG
     assert MAX_CROPS == 16  # fixed by docs/protocol.md; peers in other languages hard-code it
     assert word == b"JOB"
     assert payload == PIXELS
@@ -336,9 +343,9 @@ MALFORMED = {
     "old version": ([b"fer-swarm/1", b"HELLO", b"{}"], "unsupported protocol version b'fer-swarm/1'"),
     "old version JOB": (
         [b"fer-swarm/1", b"JOB", JOB_HEADER, bytes(8)],
-        "unsupported protocol version b'fer-swarm/1'; this peer speaks fer-swarm/2",
+        "unsupported protocol version b'fer-swarm/1'; this peer speaks fer-swarm/3",
     ),
-    "future version": ([b"fer-swarm/3", b"HELLO", b"{}"], "unsupported protocol version b'fer-swarm/3'"),
+    "future version": ([b"fer-swarm/4", b"HELLO", b"{}"], "unsupported protocol version b'fer-swarm/4'"),
     "REQ delimiter": ([b"", PROTOCOL_TAG, b"HELLO", b"{}"], "use DEALER"),
     "unknown command": ([PROTOCOL_TAG, b"HELO", b"{}"], "unknown command b'HELO'"),
     "lower-case command": ([PROTOCOL_TAG, b"hello", b"{}"], "unknown command b'hello'"),
@@ -571,7 +578,7 @@ def test_ids_are_empty_when_unreadable(header: bytes) -> None:
 def test_nothing_recovered_before_the_command_is_read() -> None:
     err = _decode_error([b"fer-swarm/1", b"JOB", JOB_HEADER, bytes(8)])
     assert (err.command, err.ids, err.job) == (None, (), None)  # type: ignore[attr-defined]
-    err = _decode_error([b"fer-swarm/3", b"JOB", JOB_HEADER, bytes(8)])
+    err = _decode_error([b"fer-swarm/4", b"JOB", JOB_HEADER, bytes(8)])
     assert (err.command, err.ids, err.job) == (None, (), None)  # type: ignore[attr-defined]
     err = _decode_error([PROTOCOL_TAG, b"JOBS", JOB_HEADER, bytes(8)])
     assert (err.command, err.ids, err.job) == (None, (), None)  # type: ignore[attr-defined]

@@ -14,6 +14,12 @@ def job(stream: str, frame: int, deadline_ms: int = 1000, faces: int = 1) -> p.J
                  deadline_ms=deadline_ms, width_px=48, height_px=48, payloads=(bytes(48 * 48),) * faces)
 
 
+def answer(sent: p.Job, ms: float = 1.0) -> p.Result:
+    """The RESULT a worker gives for ``sent``: every id, in order."""
+    return p.Result(job=sent.job, model="m:1", worker="w", faces=tuple(
+        p.FaceResult(id=i, label="a", probabilities={"a": 0.9, "b": 0.1}, inference_ms=ms) for i in sent.ids))
+
+
 def ready(name: str, capacity: int, model: p.ModelInfo = MODEL) -> p.Ready:
     return p.Ready(worker=name, capacity=capacity, model=model)
 
@@ -26,11 +32,11 @@ def sched():
 def test_worker_never_gets_more_than_its_capacity(sched):
     sched.register(b"w", ready("w", 3), 0.0)
     for i in range(10):
-        assert sched.submit(b"c", job("c", i), 0.0) is None
+        assert sched.submit(b"c", job("c", i), 0.0) == []
     sends, _ = sched.dispatch(0.0)
     assert len(sends) == 3 and len(sched.workers[b"w"].inflight) == 3
     assert sched.dispatch(0.0) == ([], [])
-    assert sched.complete(b"w", sends[0][1].job) is not None
+    assert sched.complete(b"w", answer(sends[0][1]), 0.0) is not None
     sends2, _ = sched.dispatch(0.0)
     assert len(sends2) == 1
 
@@ -56,7 +62,7 @@ def test_flooding_client_cannot_starve_another(sched):
     for _ in range(6):
         (wid, sent), = sched.dispatch(0.0)[0]
         order.append(sent.ids[0].stream)
-        sched.complete(wid, sent.job)
+        sched.complete(wid, answer(sent), 0.0)
     assert order == ["flood", "polite"] * 3
 
 
@@ -77,18 +83,18 @@ def test_queued_and_inflight_jobs_expire_once(sched):
     assert all(isinstance(r, p.Expired) for _, r in replies)
     assert sched.expire(0.3) == []
     # The worker's late answer frees its credit but is not forwarded: the client already has its one reply.
-    assert sched.complete(b"w", sent.job) is None
+    assert sched.complete(b"w", answer(sent), 0.0) is None
     assert len(sched.workers[b"w"].inflight) == 0
 
 
 def test_full_queues_answer_busy(sched):
     for i in range(20):
-        assert sched.submit(b"c", job("c", i), 0.0) is None
-    _, reply = sched.submit(b"c", job("c", 99), 0.0)
+        assert sched.submit(b"c", job("c", i), 0.0) == []
+    (_, reply), = sched.submit(b"c", job("c", 99), 0.0)
     assert isinstance(reply, p.Busy) and "client" in reply.reason
     for i in range(30):
         sched.submit(b"d", job("d", i), 0.0) if i < 20 else sched.submit(b"e", job("e", i), 0.0)
-    _, reply = sched.submit(b"e", job("e", 99), 0.0)
+    (_, reply), = sched.submit(b"e", job("e", 99), 0.0)
     assert isinstance(reply, p.Busy) and "broker queue" in reply.reason
 
 
@@ -101,7 +107,7 @@ def test_client_table_is_bounded_and_forgets_idle_clients_first(sched):
     for i in range(3):
         sched.submit(b"new", job("new", i), 1.0)
         sched.submit(b"idle2", job("idle2", i), 1.0)
-    _, reply = sched.submit(b"another", job("another", 0), 1.0)
+    (_, reply), = sched.submit(b"another", job("another", 0), 1.0)
     assert isinstance(reply, p.Busy) and "client table" in reply.reason
     assert len(sched.clients) == 3
 
@@ -143,7 +149,7 @@ def test_dropped_client_leaves_no_turn_behind(sched):
 def test_credits_count_jobs_and_every_reply_names_all_of_a_jobs_faces(sched):
     sched.register(b"w", ready("w", 2), 0.0)
     for frame in range(3):
-        assert sched.submit(b"c", job("c", frame, deadline_ms=100, faces=4), 0.0) is None
+        assert sched.submit(b"c", job("c", frame, deadline_ms=100, faces=4), 0.0) == []
     sends, _ = sched.dispatch(0.0)
     # Two frames of four faces each: credits are messages, so a 1-thread worker still holds the next frame.
     assert [len(j.ids) for _, j in sends] == [4, 4] and len(sched.workers[b"w"].inflight) == 2
@@ -152,17 +158,17 @@ def test_credits_count_jobs_and_every_reply_names_all_of_a_jobs_faces(sched):
     assert all(isinstance(r, p.Expired) for _, r in replies)
     big = Scheduler(BrokerSettings(max_queue=1, max_queue_per_client=1))
     big.submit(b"c", job("c", 0, faces=3), 0.0)
-    _, busy = big.submit(b"c", job("c", 1, faces=3), 0.0)
+    (_, busy), = big.submit(b"c", job("c", 1, faces=3), 0.0)
     assert isinstance(busy, p.Busy) and [i.face for i in busy.ids] == [0, 1, 2]
 
 
 def test_queued_pixels_are_bounded_in_bytes_and_accounted_back_to_zero():
     s = Scheduler(BrokerSettings(max_queue=100, max_queue_per_client=100, max_queue_bytes=10 * 2304))
     for frame in range(2):
-        assert s.submit(b"c", job("c", frame, faces=4), 0.0) is None  # 8 crops of 2,304 bytes
-    _, busy = s.submit(b"c", job("c", 2, faces=3), 0.0)  # 11 crops would not fit
+        assert s.submit(b"c", job("c", frame, faces=4), 0.0) == []  # 8 crops of 2,304 bytes
+    (_, busy), = s.submit(b"c", job("c", 2, faces=3), 0.0)  # 11 crops would not fit
     assert isinstance(busy, p.Busy) and "bytes" in busy.reason and len(busy.ids) == 3
-    assert s.submit(b"c", job("c", 3, faces=2), 0.0) is None and s.queued_bytes == 10 * 2304
+    assert s.submit(b"c", job("c", 3, faces=2), 0.0) == [] and s.queued_bytes == 10 * 2304
     s.register(b"w", ready("w", 1), 0.0)
     s.dispatch(0.0)  # one JOB leaves the queue for the worker
     assert s.queued_bytes == 6 * 2304
@@ -178,9 +184,9 @@ def test_queued_pixels_are_bounded_in_bytes_and_accounted_back_to_zero():
 def test_crops_of_another_size_than_the_pools_model_are_answered_error_at_once(sched):
     odd = p.Job(ids=(p.CorrelationId(stream="c", frame=0, face=0),), deadline_ms=1000, width_px=64, height_px=64,
                 payloads=(bytes(64 * 64),))
-    assert sched.submit(b"c", odd, 0.0) is None  # no worker yet: the pool's size is not known, so it waits
+    assert sched.submit(b"c", odd, 0.0) == []  # no worker yet: the pool's size is not known, so it waits
     sched.register(b"w", ready("w", 1), 0.0)
-    _, reply = sched.submit(b"c", odd.model_copy(update={"ids": (p.CorrelationId(stream="c", frame=1, face=0),)}), 0.0)
+    (_, reply), = sched.submit(b"c", odd.model_copy(update={"ids": (p.CorrelationId(stream="c", frame=1, face=0),)}), 0.0)
     assert isinstance(reply, p.Error) and "64x64" in reply.reason and "48x48" in reply.reason
     assert sched.queued == 1
 
@@ -192,7 +198,7 @@ def test_a_forgotten_client_coming_back_is_not_charged_for_its_old_jobs(sched):
     sched.drop_client(b"c")  # e.g. it stopped reading; the same identity then sends again
     sched.submit(b"c", job("c", 1), 0.1)
     (_, new), = sched.dispatch(0.1)[0]
-    assert sched.complete(b"w", old.job) is None  # the old job's answer is late: its client was forgotten
+    assert sched.complete(b"w", answer(old), 0.0) is None  # the old job's answer is late: its client was forgotten
     assert sched.clients[b"c"].inflight == 1 and not sched.clients[b"c"].idle
-    assert sched.complete(b"w", new.job) is not None
+    assert sched.complete(b"w", answer(new), 0.0) is not None
     assert sched.clients[b"c"].inflight == 0

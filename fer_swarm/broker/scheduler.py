@@ -3,22 +3,34 @@
 The server (:mod:`fer_swarm.broker.server`) feeds it what arrives and sends
 what it returns. Keeping the rules here makes each one testable alone:
 
-- Credits: a worker announces a capacity; it never holds more jobs than that.
-  A job is one JOB message (the crops of one frame, usually): credits count
-  messages, so a worker with one thread still holds the next frame while it
-  works on this one, however many faces each frame has.
-  The least-loaded worker (lowest share of its capacity in use) goes first, so
+- Credits: a worker never holds more jobs than its credits, and never more
+  than the capacity it announced. A job is one JOB message (the crops of one
+  frame, usually): credits count messages. A worker's credits cover its
+  link: enough jobs to keep each of its threads busy while others cross the
+  network (the bandwidth-delay product), from its measured round trip and
+  service time; at least two per thread, as on a fast link.
+  The least-loaded worker (lowest share of its credits in use) goes first, so
   a 4-thread Pi and a 1-thread laptop fill in proportion.
-- Fairness: each client has its own queue and dispatch takes one job per
-  client in turn, so a client flooding the broker only delays itself.
 - Deadlines: a job past its deadline is answered EXPIRED, whether it is still
-  queued or already at a worker (whose late answer is then dropped).
+  queued or already at a worker (whose late answer is then dropped). A job is
+  not dispatched to a worker that cannot answer it in time, given that
+  worker's round trip, service time and jobs ahead of it: if no worker with
+  free credit can, it is answered EXPIRED at once.
+- Verified replies: a worker's reply is forwarded only if it names a job in
+  flight at that worker and exactly that job's ids; anything else is dropped
+  and counted, and the server disconnects a worker that keeps doing it.
+- Fairness: each client has its own queue and dispatch takes one job per
+  client in turn, so a client flooding the broker only delays itself. When
+  the shared queue is full, a client under its fair share still gets in: the
+  newest job of the client holding the most is answered BUSY to make room.
 - Lost workers: their unanswered jobs go back to the front of their client's
   queue once, if enough of the deadline remains; otherwise ERROR.
-- Bounds: total and per-client queue lengths and the bytes of pixels queued
-  (BUSY beyond them), the client table (clients with nothing pending are
-  forgotten first) and the worker table. Crops of another size than the
-  pool's model are answered ERROR at once instead of being queued.
+- Draining: while the broker shuts down, new jobs are answered BUSY; what is
+  queued or in flight is answered by :meth:`abandon` when time runs out.
+- Bounds: total and per-client queue lengths and bytes of pixels (BUSY
+  beyond them), the client table (clients with nothing pending are forgotten
+  first) and the worker table. Crops of another size than the pool's model
+  are answered ERROR instead of being queued or dispatched.
 
 The invariant everything here serves: every job gets exactly one terminal
 reply (RESULT, EXPIRED, BUSY or ERROR) while its client is known. ``answered``
@@ -28,6 +40,7 @@ on a job is the single flag that enforces "exactly one".
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -40,6 +53,13 @@ log = logging.getLogger(__name__)
 
 Reply = tuple[bytes, p.Message]  # (client identity, message to send it)
 
+LINK_SAMPLES = 32  # recent jobs whose round trip the link estimate is the least of
+SERVICE_EWMA = 0.2  # weight of the newest job in a worker's service-time estimate
+MIN_SERVICE_S = 1e-4  # floor of the service-time estimate (an echo worker answers in ~0 s)
+LATENCY_SAMPLES = 2048  # recent answered jobs kept for the status report's percentiles
+RATE_WINDOW_S = 5.0  # a client's jobs/s is counted over windows of this length
+MAX_WRONG_REPLIES = 3  # replies not matching their job before a worker is disconnected
+
 
 @dataclass(eq=False)
 class PendingJob:
@@ -47,39 +67,98 @@ class PendingJob:
     client: bytes
     owner: ClientState  # the client state it was queued under: a client forgotten and back is a new one
     msg: p.Job
-    deadline: float  # monotonic seconds
+    received: float  # monotonic seconds
+    deadline: float
     size: int  # bytes of pixels it holds
     attempts: int = 0
     answered: bool = False
+    dispatched: float = 0.0
 
     def remaining_ms(self, now: float) -> int:
         return int((self.deadline - now) * 1000)
+
+    def keys(self) -> set[tuple[str, int, int]]:
+        return {i.key() for i in self.msg.ids}
 
 
 @dataclass(eq=False)
 class WorkerState:
     identity: bytes
     name: str
-    capacity: int
+    capacity: int  # jobs it announced it can hold
+    concurrency: int  # jobs it works on at once (its threads)
     model: p.ModelInfo
     last_seen: float
+    joined: float
+    peer: str = ""
     inflight: dict[int, PendingJob] = field(default_factory=dict)
+    done: int = 0
+    failed: int = 0
+    wrong_replies: int = 0
+    service_s: float | None = None  # smoothed seconds of its time per job: a job's inference time / concurrency
+    _links: deque[float] = field(default_factory=lambda: deque(maxlen=LINK_SAMPLES))
+
+    @property
+    def link_s(self) -> float | None:
+        """The round trip of its link: the least of recent jobs' time away less their service time
+        (the least, because only a job that found the worker idle did not also wait in its queue)."""
+        return min(self._links) if self._links else None
+
+    @property
+    def credits(self) -> int:
+        """Jobs it may hold: one per thread running, plus what it finishes while a reply and the next job
+        cross the link (round trip / service time: the bandwidth-delay product), plus one; at least two
+        per thread, as on a fast link; never more than its capacity."""
+        fast_link = 2 * self.concurrency
+        link, service = self.link_s, self.service_s
+        if link is None or service is None:
+            return min(self.capacity, fast_link)
+        need = self.concurrency + math.ceil(link / max(service, MIN_SERVICE_S)) + 1
+        return min(self.capacity, max(fast_link, need))
 
     @property
     def load(self) -> float:
-        return len(self.inflight) / self.capacity
+        return len(self.inflight) / self.credits
+
+    def expected_s(self) -> float:
+        """Seconds one more job would take to come back: its link, and its service behind the jobs it holds."""
+        return (self.link_s or 0.0) + (len(self.inflight) + 1) * (self.service_s or 0.0)
+
+    def measured(self, away_s: float, inference_s: float, faces: int) -> None:
+        """A job came back ``away_s`` after dispatch, its ``faces`` crops having taken ``inference_s`` in all."""
+        running_s = inference_s / min(faces, self.concurrency)  # the reference worker splits a job's crops
+        self._links.append(max(0.0, away_s - running_s))
+        service = inference_s / self.concurrency
+        self.service_s = service if self.service_s is None else (
+            SERVICE_EWMA * service + (1 - SERVICE_EWMA) * self.service_s)
 
 
 @dataclass(eq=False)
 class ClientState:
     identity: bytes
     last_seen: float
+    peer: str = ""
+    stream: str = ""  # of its latest job, for the status report
     queue: deque[PendingJob] = field(default_factory=deque)
+    queued_bytes: int = 0
     inflight: int = 0
+    received: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)  # replies sent it, by command
+    _window_start: float = 0.0
+    _window_jobs: int = 0
+    jobs_per_s: float = 0.0
 
     @property
     def idle(self) -> bool:
         return not self.queue and self.inflight == 0
+
+    def count_job(self, now: float) -> None:
+        self.received += 1
+        if now - self._window_start >= RATE_WINDOW_S:
+            elapsed = now - self._window_start
+            self.jobs_per_s = self._window_jobs / elapsed if self._window_start and elapsed < 2 * RATE_WINDOW_S else 0.0
+            self._window_start, self._window_jobs = now, 0
+        self._window_jobs += 1
 
 
 @dataclass
@@ -92,7 +171,17 @@ class Counters:
     errors: int = 0
     redispatched: int = 0
     late_results: int = 0
+    wrong_replies: int = 0
     workers_lost: int = 0
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Where an answered job's time went, in seconds (for percentiles and histograms)."""
+
+    queue_s: float  # from receipt to dispatch (0 if it was never dispatched)
+    compute_s: float  # from dispatch to the worker's answer: the link's round trip and the worker's time
+    total_s: float  # from receipt to the reply
 
 
 class Scheduler:
@@ -107,6 +196,8 @@ class Scheduler:
         self.queued_bytes = 0
         self._next_job = 0
         self.counters = Counters()
+        self.timings: deque[Timing] = deque(maxlen=LATENCY_SAMPLES)
+        self.draining = False
 
     # ----------------------------------------------------------------- clients
 
@@ -141,55 +232,97 @@ class Scheduler:
         if state is None:
             return
         self.queued -= len(state.queue)
-        self.queued_bytes -= sum(job.size for job in state.queue)
+        self.queued_bytes -= state.queued_bytes
         for job in state.queue:
             job.answered = True
         if state.queue:
             self._turns.remove(identity)
         state.queue.clear()
+        state.queued_bytes = 0
         # Its jobs at workers keep pointing at this state, not at a new one for the same identity,
         # so their late answers are dropped and never count against a newcomer.
         log.debug("client %s dropped", identity.hex())
 
-    def submit(self, identity: bytes, msg: p.Job, now: float) -> Reply | None:
-        """Queue a client's job; return an immediate BUSY reply when it cannot be queued."""
+    def submit(self, identity: bytes, msg: p.Job, now: float) -> list[Reply]:
+        """Queue a client's job. Returns the replies to send now: BUSY or ERROR for this job when it
+        cannot be queued, and BUSY for other clients' jobs pushed out to give this client its share."""
         self.counters.received += 1
         state = self.client(identity, now)
         if state is None:
-            return self._busy(identity, msg, "broker client table is full")
+            return [self._busy(identity, msg, "broker client table is full")]
+        state.count_job(now)
+        state.stream = msg.ids[0].stream
+        if self.draining:
+            return [self._busy(identity, msg, "broker is shutting down")]
         pool = self.pool_model()
         if pool is not None and (msg.width_px, msg.height_px) != (pool.width_px, pool.height_px):
-            self.counters.errors += 1
-            return identity, p.Error(ids=msg.ids, reason=f"crops are {msg.width_px}x{msg.height_px}; the pool's "
-                                                         f"model {pool.ref} takes {pool.width_px}x{pool.height_px}")
+            return [self._wrong_size(identity, msg, pool)]
         size = len(msg.ids) * msg.width_px * msg.height_px
-        if self.queued >= self.settings.max_queue:
-            return self._busy(identity, msg, "broker queue is full")
-        if self.queued_bytes + size > self.settings.max_queue_bytes:
-            return self._busy(identity, msg, "broker queue is full (bytes of pixels)")
-        if len(state.queue) >= self.settings.max_queue_per_client:
-            return self._busy(identity, msg, "this client's queue is full")
-        deadline_ms = min(msg.deadline_ms, self.settings.max_deadline_ms)
+        s = self.settings
+        if len(state.queue) >= s.max_queue_per_client:
+            return [self._busy(identity, msg, "this client's queue is full")]
+        if state.queued_bytes + size > min(s.max_queue_bytes_per_client, s.max_queue_bytes):
+            return [self._busy(identity, msg, "this client's queue is full (bytes of pixels)")]
+        replies = self._make_room(state, size)
+        if self.queued >= s.max_queue:
+            return replies + [self._busy(identity, msg, "broker queue is full")]
+        if self.queued_bytes + size > s.max_queue_bytes:
+            return replies + [self._busy(identity, msg, "broker queue is full (bytes of pixels)")]
+        deadline_ms = min(msg.deadline_ms, s.max_deadline_ms)
         self._next_job += 1
-        job = PendingJob(self._next_job, identity, state, msg, now + deadline_ms / 1000, size)
+        job = PendingJob(self._next_job, identity, state, msg, now, now + deadline_ms / 1000, size)
         if not state.queue:
             self._turns.append(identity)
-        state.queue.append(job)
+        self._enqueue(state, job)
+        return replies
+
+    def _make_room(self, state: ClientState, size: int) -> list[Reply]:
+        """While the shared queue is full, push out the newest job of the client holding the most,
+        as long as that client holds more than ``state`` would after queueing this job (its fair share)."""
+        replies: list[Reply] = []
+        s = self.settings
+        while self.queued >= s.max_queue or self.queued_bytes + size > s.max_queue_bytes:
+            biggest = max((self.clients[i] for i in self._turns), key=lambda c: c.queued_bytes, default=None)
+            if biggest is None or biggest is state or biggest.queued_bytes <= state.queued_bytes + size:
+                break
+            job = biggest.queue.pop()
+            self._dequeued(biggest, job)
+            if not biggest.queue:
+                self._turns.remove(biggest.identity)
+            if not job.answered:
+                replies.append(self._busy(job.client, job.msg, "broker queue is full: making room for other clients"))
+                job.answered = True
+        return replies
+
+    def _enqueue(self, state: ClientState, job: PendingJob, *, front: bool = False) -> None:
+        (state.queue.appendleft if front else state.queue.append)(job)
+        state.queued_bytes += job.size
         self.queued += 1
-        self.queued_bytes += size
-        return None
+        self.queued_bytes += job.size
+
+    def _dequeued(self, state: ClientState, job: PendingJob) -> None:
+        state.queued_bytes -= job.size
+        self.queued -= 1
+        self.queued_bytes -= job.size
 
     def _busy(self, identity: bytes, msg: p.Job, reason: str) -> Reply:
         self.counters.busy += 1
         return identity, p.Busy(ids=msg.ids, reason=reason)
 
+    def _wrong_size(self, identity: bytes, msg: p.Job, model: p.ModelInfo) -> Reply:
+        self.counters.errors += 1
+        return identity, p.Error(ids=msg.ids, reason=f"crops are {msg.width_px}x{msg.height_px}; the pool's model "
+                                                     f"{model.ref} takes {model.width_px}x{model.height_px}")
+
     # ----------------------------------------------------------------- workers
 
-    def register(self, identity: bytes, ready: p.Ready, now: float) -> str | None:
+    def register(self, identity: bytes, ready: p.Ready, now: float, peer: str = "") -> str | None:
         """Add (or refresh) a worker; return a reason to refuse it, or None."""
         if identity in self.workers:
             self.workers[identity].last_seen = now
             return None
+        if self.draining:
+            return "broker is shutting down"
         pool = self.pool_model()
         # Workers on different models may share a pool only if a client's crops suit them all:
         # same labels, same crop size, same framing.
@@ -200,8 +333,10 @@ class Scheduler:
                     "(labels, input size or crop framing differ)")
         if len(self.workers) >= self.settings.max_workers:
             return "broker worker table is full"
-        self.workers[identity] = WorkerState(identity, ready.worker, ready.capacity, ready.model, now)
-        log.info("worker %s joined: capacity %d, model %s", ready.worker, ready.capacity, ready.model.ref)
+        self.workers[identity] = WorkerState(identity, ready.worker, ready.capacity, ready.concurrency, ready.model,
+                                             now, now, peer)
+        log.info("worker %s joined%s: capacity %d, %d at once, model %s", ready.worker, f" from {peer}" if peer else "",
+                 ready.capacity, ready.concurrency, ready.model.ref)
         return None
 
     def pool_model(self) -> p.ModelInfo | None:
@@ -226,14 +361,12 @@ class Scheduler:
             client.inflight -= 1
             if job.answered or self.clients.get(job.client) is not client:
                 continue
-            if job.attempts == 0 and job.remaining_ms(now) >= self.settings.redispatch_min_ms:
+            if job.attempts == 0 and job.remaining_ms(now) >= self.settings.redispatch_min_ms and not self.draining:
                 job.attempts += 1
                 self.counters.redispatched += 1
                 if not client.queue:
                     self._turns.append(job.client)
-                client.queue.appendleft(job)
-                self.queued += 1
-                self.queued_bytes += job.size
+                self._enqueue(client, job, front=True)
             else:
                 job.answered = True
                 self.counters.errors += 1
@@ -248,21 +381,41 @@ class Scheduler:
             replies += self.remove_worker(identity, now, f"silent for {limit:g} s")
         return replies
 
-    def complete(self, worker: bytes, job_id: int | None) -> PendingJob | None:
-        """A worker answered ``job_id`` (any terminal reply): free its credit.
+    def excuse(self, stall_s: float) -> None:
+        """The broker itself stood still for ``stall_s`` (a starved host): that silence is not the workers'."""
+        for w in self.workers.values():
+            w.last_seen += stall_s
 
-        Returns the job if its client still waits for this answer (forward it),
-        None if the answer is late (already EXPIRED) or unknown.
+    def complete(self, worker: bytes, reply: p.Result | p.Expired | p.Busy | p.Error, now: float) -> PendingJob | None:
+        """A worker answered (any terminal reply). Returns the job if the reply is to be forwarded.
+
+        The reply must name a job in flight at that worker and exactly that job's ids; if not, it is
+        dropped and counted (``worker.wrong_replies``), and the job stays in flight. A reply to a job
+        already answered (EXPIRED at its deadline) frees the credit and is dropped as late.
         """
         state = self.workers.get(worker)
-        job = state.inflight.pop(job_id, None) if state is not None and job_id is not None else None
-        if job is None:
+        if state is None:
             return None
+        job = state.inflight.get(reply.job) if reply.job is not None else None
+        named = {i.key() for i in reply.ids}
+        if job is None or (named != job.keys() and not (named == set() and not isinstance(reply, p.Result))):
+            # An error reply naming no ids is the worker failing to read a job the broker sent: it is
+            # about that job. Anything else must name the job's ids exactly.
+            state.wrong_replies += 1
+            self.counters.wrong_replies += 1
+            return None
+        del state.inflight[reply.job]
         job.owner.inflight -= 1
+        if isinstance(reply, p.Result):
+            state.done += 1
+            state.measured(now - job.dispatched, sum(f.inference_ms for f in reply.faces) / 1000, len(reply.faces))
+        else:
+            state.failed += 1
         if job.answered or self.clients.get(job.client) is not job.owner:
             self.counters.late_results += 1  # already answered, or its client was forgotten meanwhile
             return None
         job.answered = True
+        self.timings.append(Timing(job.dispatched - job.received, now - job.dispatched, now - job.received))
         return job
 
     # ----------------------------------------------------------------- time
@@ -279,10 +432,9 @@ class Scheduler:
                 for job in client.queue:
                     if job.deadline <= now:
                         replies.append(self._expired(job, "deadline passed while queued"))
-                        self.queued_bytes -= job.size
+                        self._dequeued(client, job)
                     else:
                         keep.append(job)
-                self.queued -= len(client.queue) - len(keep)
                 client.queue = keep
                 if not keep:
                     self._turns.remove(identity)
@@ -297,45 +449,75 @@ class Scheduler:
         self.counters.expired += 1
         return job.client, p.Expired(ids=job.msg.ids, reason=reason)
 
+    def abandon(self, reason: str) -> list[Reply]:
+        """ERROR for every job still queued or in flight (the broker is going away)."""
+        replies: list[Reply] = []
+        for identity in list(self._turns):
+            client = self.clients[identity]
+            while client.queue:
+                job = client.queue.popleft()
+                self._dequeued(client, job)
+                if not job.answered:
+                    job.answered = True
+                    self.counters.errors += 1
+                    replies.append((job.client, p.Error(ids=job.msg.ids, reason=reason)))
+        self._turns.clear()
+        for worker in self.workers.values():
+            for job in worker.inflight.values():
+                if not job.answered and self.clients.get(job.client) is job.owner:
+                    job.answered = True
+                    self.counters.errors += 1
+                    replies.append((job.client, p.Error(ids=job.msg.ids, reason=reason)))
+        return replies
+
+    @property
+    def inflight(self) -> int:
+        return sum(len(w.inflight) for w in self.workers.values())
+
     # ----------------------------------------------------------------- dispatch
 
     def dispatch(self, now: float) -> tuple[list[tuple[bytes, p.Job]], list[Reply]]:
         """Hand queued jobs to workers with free credit: clients in turn, least-loaded worker first.
 
         Returns the jobs to send (worker identity, job with the broker's id and
-        the remaining deadline) and the EXPIRED replies for jobs whose deadline
-        ran out at the head of the queue.
+        the remaining deadline) and the replies for jobs answered instead: EXPIRED
+        for those no worker can finish in time, ERROR for crops the workers' model
+        does not take.
         """
         sends: list[tuple[bytes, p.Job]] = []
         replies: list[Reply] = []
         while self._turns and self.queued:
-            worker = self._least_loaded()
-            if worker is None:
+            free = [w for w in self.workers.values() if len(w.inflight) < w.credits]
+            if not free:
                 break
             identity = self._turns.popleft()
             client = self.clients.get(identity)
             if client is None or not client.queue:
                 continue
             job = client.queue.popleft()
-            self.queued -= 1
-            self.queued_bytes -= job.size
+            self._dequeued(client, job)
             if client.queue:
                 self._turns.append(identity)
             if job.answered:
                 continue
-            remaining = job.remaining_ms(now)
-            if remaining <= 0:
-                replies.append(self._expired(job, "deadline passed while queued"))
+            remaining_s = job.deadline - now
+            in_time = [w for w in free if w.expected_s() < remaining_s]
+            if not in_time:
+                best = min(w.expected_s() for w in free)
+                reason = ("deadline passed while queued" if remaining_s <= 0 else
+                          f"{1000 * remaining_s:.0f} ms left; the least busy worker needs about {1000 * best:.0f} ms")
+                replies.append(self._expired(job, reason))
+                continue
+            worker = min(in_time, key=lambda w: w.load)
+            model = worker.model
+            if (job.msg.width_px, job.msg.height_px) != (model.width_px, model.height_px):
+                job.answered = True
+                replies.append(self._wrong_size(job.client, job.msg, model))
                 continue
             worker.inflight[job.job] = job
             client.inflight += 1
+            job.dispatched = now
             self.counters.dispatched += 1
-            sends.append((worker.identity, job.msg.model_copy(update={"job": job.job, "deadline_ms": remaining})))
+            sends.append((worker.identity, job.msg.model_copy(
+                update={"job": job.job, "deadline_ms": max(1, job.remaining_ms(now))})))
         return sends, replies
-
-    def _least_loaded(self) -> WorkerState | None:
-        best = None
-        for w in self.workers.values():
-            if len(w.inflight) < w.capacity and (best is None or w.load < best.load):
-                best = w
-        return best
