@@ -63,13 +63,15 @@ def friendly_errors(fn):
     return wrapper
 
 
-def settings_command(program: str, name: str | None = None):
+def settings_command(program: str, name: str | None = None, extra: tuple[inspect.Parameter, ...] = ()):
     """Register ``fn(settings)`` as a command whose flags are the fields of ``program``'s settings.
 
     The pydantic model stays the one description of the settings: each field
     becomes ``--field-name`` with the field's description as its help. Flags
     reach typer as text and are validated by pydantic with the file and the
     environment, so a bad value gives the same one-line error wherever it came from.
+    ``extra`` are options that are not settings (how to show the result, say); they reach
+    ``fn`` as keyword arguments after the settings.
     """
     model = config_mod.PROGRAMS[program]
 
@@ -99,9 +101,10 @@ def settings_command(program: str, name: str | None = None):
         @functools.wraps(fn)
         def command(**kwargs):
             config_file = kwargs.pop("config")
-            return fn(config_mod.load(program, config_file=config_file, flags=kwargs))
+            options = {p.name: kwargs.pop(p.name) for p in extra}
+            return fn(config_mod.load(program, config_file=config_file, flags=kwargs), **options)
 
-        command.__signature__ = inspect.Signature(params)
+        command.__signature__ = inspect.Signature([*extra, *params])
         example = next(iter(model.model_fields))
         epilog = (f"Every setting can also come from the environment as {config_mod.env_prefix(program)}SETTING "
                   f"(e.g. {config_mod.env_prefix(program)}{example.upper()}) or from the TOML file given with --config; "
@@ -370,12 +373,22 @@ def broker(settings) -> None:
     Load-balances face jobs over the workers by credit (a worker never holds
     more jobs than it announced), fairly across clients, with deadlines and
     heartbeats. Every job gets exactly one reply: RESULT, EXPIRED, BUSY or ERROR.
+
+    SIGTERM or Ctrl-C drains: new jobs are answered BUSY, jobs in hand get up to --drain-grace-s to finish,
+    the rest ERROR, then workers are told to go; a second signal stops at once.
+    See it run with `fer-swarm status`, or scrape --metrics-port with Prometheus.
     """
+    import signal
+
     from .broker import Broker
 
     server = Broker(settings)
+    # The first SIGTERM or Ctrl-C drains (new jobs BUSY, jobs in hand finish for up to --drain-grace-s);
+    # a second one stops at once, still answering every job.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: server.stop())
     try:
-        _serve(server)
+        server.serve()
     finally:
         server.close()
 
@@ -389,6 +402,61 @@ def worker(settings) -> None:
     from .worker import Worker
 
     _serve(Worker(settings))
+
+
+_STATUS_OPTIONS = (
+    inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--json", help="Print one snapshot as a JSON object (workers, clients, queue, counters, latency_ms) "
+                              "and exit.")),
+    inspect.Parameter("check", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--check", help="Print one line and exit 0 if the broker answers and has a worker registered, "
+                               "1 otherwise: a health probe for systemd, Docker or Kubernetes.")),
+)
+
+
+@settings_command("status", extra=_STATUS_OPTIONS)
+def status(settings, as_json: bool = False, check: bool = False) -> None:
+    """Show a broker's live status: its workers (host, model, credits, jobs in flight and done, link and
+    service time, heartbeat age), its clients (stream, jobs/s, BUSY/EXPIRED/ERROR counts), its queue and
+    its latency split into queue and compute time. Refreshes every --interval-s until Ctrl-C.
+
+    Asks the broker's frontend, with the same keys as an edge client: e.g.
+    fer-swarm status --broker tcp://broker.local:5555 --secret-key keys/ops.key_secret --broker-key keys/broker.key
+    """
+    from rich.live import Live
+
+    from .errors import TransportError
+    from .status import StatusClient, check_line, render, require
+
+    if as_json and check:
+        raise ConfigError("give --json or --check, not both")
+    try:
+        client = StatusClient(settings)
+    except TransportError as e:
+        if check:
+            console.print(f"not ok: {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        raise
+    with client:
+        if check:
+            try:
+                healthy, line = check_line(require(client.fetch()), settings.broker)
+            except FerSwarmError as e:
+                healthy, line = False, f"not ok: {e}"
+            console.print(line, highlight=False, soft_wrap=True)
+            raise typer.Exit(0 if healthy else 1)
+        if as_json:
+            print(json.dumps(require(client.fetch())))
+            return
+        import time
+
+        with Live(render(require(client.fetch()), settings.broker), console=console, auto_refresh=False) as live:
+            try:
+                while True:
+                    time.sleep(settings.interval_s)
+                    live.update(render(require(client.fetch()), settings.broker), refresh=True)
+            except KeyboardInterrupt:
+                pass
 
 
 def _print_edge_summary(summary, title: str) -> None:

@@ -148,7 +148,17 @@ class EdgeSettings(Settings):
         return self
 
 
-PROGRAMS: dict[str, type[Settings]] = {"broker": BrokerSettings, "worker": WorkerSettings, "edge": EdgeSettings}
+class StatusSettings(Settings):
+    broker: str = Field("tcp://127.0.0.1:5555", description="The broker's frontend endpoint (where edge clients connect).")
+    interval_s: float = Field(1.0, gt=0, le=3600, description="Seconds between refreshes of the live table.")
+    timeout_s: float = Field(5.0, gt=0, le=600, description="Seconds to wait for the broker's answer.")
+    secret_key: Path | None = Field(None, description="A CURVE secret key file the broker lists among its clients (fer-swarm keys generate NAME); turns encryption on.")
+    broker_key: Path | None = Field(None, description="The broker's public key file (broker.key), needed with secret_key.")
+    insecure: bool = Field(False, description="Allow plaintext to a non-loopback broker.")
+
+
+PROGRAMS: dict[str, type[Settings]] = {"broker": BrokerSettings, "worker": WorkerSettings, "edge": EdgeSettings,
+                                       "status": StatusSettings}
 
 
 def env_prefix(program: str) -> str:

@@ -58,9 +58,9 @@ class BrokerThread:
     def scheduler(self):
         return self.broker.scheduler
 
-    def stop(self) -> None:
-        self.broker.stop()
-        self.thread.join(5)
+    def stop(self, drain: bool = False) -> None:
+        self.broker.stop(drain=drain)
+        self.thread.join(5 + (self.broker.settings.drain_grace_s if drain else 0))
         assert not self.thread.is_alive(), "broker did not stop"
         self.broker.close()
 

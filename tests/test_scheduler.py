@@ -202,3 +202,96 @@ def test_a_forgotten_client_coming_back_is_not_charged_for_its_old_jobs(sched):
     assert sched.clients[b"c"].inflight == 1 and not sched.clients[b"c"].idle
     assert sched.complete(b"w", answer(new), 0.0) is not None
     assert sched.clients[b"c"].inflight == 0
+
+
+def measure(sched, wid: bytes, link_s: float, service_ms: float, jobs: int = 5, t: float = 0.0) -> float:
+    """Run ``jobs`` one-face jobs through worker ``wid`` as if its link took ``link_s`` and the model
+    ``service_ms``; returns the clock after the last."""
+    for i in range(jobs):
+        sched.submit(b"m", job("m", 10_000 + i, deadline_ms=10_000), t)
+        (_, sent), = sched.dispatch(t)[0]
+        t += link_s + service_ms / 1000
+        assert sched.complete(wid, answer(sent, service_ms), t) is not None
+    return t
+
+
+def test_credits_cover_a_slow_links_round_trip_but_never_exceed_capacity():
+    s = Scheduler(BrokerSettings())
+    s.register(b"w", p.Ready(worker="w", capacity=16, threads=1, model=MODEL), 0.0)
+    assert s.workers[b"w"].credits == 2  # nothing measured: two per thread, as on a fast link
+    measure(s, b"w", link_s=0.0005, service_ms=2.0)
+    assert s.workers[b"w"].credits == 2  # loopback: the round trip is a fraction of a job
+    s.register(b"far", p.Ready(worker="far", capacity=16, threads=1, model=MODEL), 0.0)
+    s.workers.pop(b"w")
+    measure(s, b"far", link_s=0.100, service_ms=10.0)
+    # 100 ms away at 10 ms a job: one running, ten crossing the link.
+    assert s.workers[b"far"].credits == 11
+    measure(s, b"far", link_s=0.100, service_ms=2.0, jobs=20)
+    assert s.workers[b"far"].credits == 16  # capped by what the worker said it can hold
+
+
+def test_a_job_no_worker_can_finish_in_time_is_answered_expired_at_once():
+    s = Scheduler(BrokerSettings())
+    s.register(b"far", p.Ready(worker="far", capacity=16, threads=1, model=MODEL), 0.0)
+    t = measure(s, b"far", link_s=0.100, service_ms=2.0)
+    assert s.submit(b"c", job("c", 1, deadline_ms=60), t) == []
+    sends, replies = s.dispatch(t)
+    assert sends == [] and len(replies) == 1
+    (_, reply), = replies
+    assert isinstance(reply, p.Expired) and "needs about 10" in reply.reason and s.counters.expired == 1
+    assert s.submit(b"c", job("c", 2, deadline_ms=250), t) == []
+    (_, sent), = s.dispatch(t)[0]  # 250 ms is enough for a 102 ms trip
+    assert sent.ids[0].frame == 2
+
+
+def test_a_reply_is_forwarded_only_with_exactly_its_jobs_ids(sched):
+    sched.register(b"w", ready("w", 2), 0.0)
+    sched.submit(b"c", job("c", 1, faces=2), 0.0)
+    (_, sent), = sched.dispatch(0.0)[0]
+    good = answer(sent)
+    wrong = good.model_copy(update={"faces": (good.faces[0].model_copy(update={
+        "id": p.CorrelationId(stream="c", frame=99, face=0)}), good.faces[1])})
+    assert sched.complete(b"w", wrong, 0.0) is None
+    assert sched.complete(b"w", good.model_copy(update={"faces": good.faces[:1]}), 0.0) is None  # one id short
+    assert sched.complete(b"w", good.model_copy(update={"job": 12345}), 0.0) is None  # not a job it holds
+    assert sched.workers[b"w"].wrong_replies == 3 and sched.counters.wrong_replies == 3
+    assert sched.complete(b"w", good, 0.0) is not None  # the job stayed in flight for its true answer
+    # An error reply naming no ids is about the job it names by number (a worker that could not read it).
+    sched.submit(b"c", job("c", 2), 0.0)
+    (_, sent), = sched.dispatch(0.0)[0]
+    assert sched.complete(b"w", p.Error(ids=(), job=sent.job, reason="cannot read"), 0.0) is not None
+
+
+def test_a_client_under_its_share_pushes_out_the_biggest_queues_newest_job():
+    s = Scheduler(BrokerSettings(max_queue=10, max_queue_per_client=10))
+    for i in range(10):
+        assert s.submit(b"flood", job("flood", i), 0.0) == []
+    replies = s.submit(b"polite", job("polite", 0), 0.0)
+    assert [(who, type(r), r.ids[0].frame) for who, r in replies] == [(b"flood", p.Busy, 9)]
+    assert len(s.clients[b"polite"].queue) == 1 and s.queued == 10
+    # The flooder cannot take the place back: it already holds more than the polite client.
+    (_, busy), = s.submit(b"flood", job("flood", 10), 0.0)
+    assert isinstance(busy, p.Busy) and "broker queue is full" in busy.reason
+
+
+def test_draining_refuses_new_jobs_and_workers_and_abandon_answers_the_rest(sched):
+    sched.register(b"w", ready("w", 1), 0.0)
+    sched.submit(b"c", job("c", 1), 0.0)
+    sched.submit(b"c", job("c", 2), 0.0)
+    sched.dispatch(0.0)
+    sched.draining = True
+    (_, busy), = sched.submit(b"c", job("c", 3), 0.0)
+    assert isinstance(busy, p.Busy) and "shutting down" in busy.reason
+    assert "shutting down" in sched.register(b"w2", ready("w2", 1), 0.0)
+    replies = sched.abandon("broker shut down")
+    assert sorted((r.ids[0].frame, type(r)) for _, r in replies) == [(1, p.Error), (2, p.Error)]
+    assert sched.queued == 0 and sched.abandon("again") == []
+
+
+def test_wrong_size_crops_queued_before_any_worker_are_answered_error_not_expired(sched):
+    odd = p.Job(ids=(p.CorrelationId(stream="c", frame=0, face=0),), deadline_ms=1000, width_px=64, height_px=64,
+                payloads=(bytes(64 * 64),))
+    assert sched.submit(b"c", odd, 0.0) == []
+    sched.register(b"w", ready("w", 1), 0.0)
+    sends, replies = sched.dispatch(0.0)
+    assert sends == [] and [type(r) for _, r in replies] == [p.Error] and "64x64" in replies[0][1].reason

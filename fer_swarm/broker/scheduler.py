@@ -107,13 +107,13 @@ class WorkerState:
     @property
     def credits(self) -> int:
         """Jobs it may hold: one per thread running, plus what it finishes while a reply and the next job
-        cross the link (round trip / service time: the bandwidth-delay product), plus one; at least two
-        per thread, as on a fast link; never more than its capacity."""
+        cross the link (round trip / service time: the bandwidth-delay product); at least two per
+        thread, as on a fast link; never more than its capacity."""
         fast_link = 2 * self.concurrency
         link, service = self.link_s, self.service_s
         if link is None or service is None:
             return min(self.capacity, fast_link)
-        need = self.concurrency + math.ceil(link / max(service, MIN_SERVICE_S)) + 1
+        need = self.concurrency + math.ceil(link / max(service, MIN_SERVICE_S))
         return min(self.capacity, max(fast_link, need))
 
     @property
