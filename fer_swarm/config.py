@@ -39,7 +39,7 @@ class BrokerSettings(Settings):
     max_queue: int = Field(1000, ge=1, description="Jobs waiting for a worker, all clients together; beyond it jobs are answered BUSY.")
     max_queue_per_client: int = Field(200, ge=1, description="Jobs one client may have waiting; beyond it its jobs are answered BUSY.")
     max_queue_bytes: int = Field(32 << 20, ge=1024, description="Bytes of pixels waiting for a worker, all clients together; beyond it jobs are answered BUSY.")
-    max_queue_bytes_per_client: int = Field(4 << 20, ge=1024, description="Bytes of pixels one client may have waiting (at most max_queue_bytes); beyond it its jobs are answered BUSY.")
+    max_client_bytes: int = Field(4 << 20, ge=1024, description="Bytes of pixels one client may have waiting (at most max_queue_bytes); beyond it its jobs are answered BUSY.")
     max_clients: int = Field(256, ge=1, description="Clients the broker keeps state for; idle ones are forgotten first.")
     client_idle_s: float = Field(60.0, gt=0, description="Seconds after which a client with nothing pending may be forgotten.")
     max_workers: int = Field(256, ge=1, description="Workers the broker accepts at once.")

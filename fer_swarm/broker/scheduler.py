@@ -261,7 +261,7 @@ class Scheduler:
         s = self.settings
         if len(state.queue) >= s.max_queue_per_client:
             return [self._busy(identity, msg, "this client's queue is full")]
-        if state.queued_bytes + size > min(s.max_queue_bytes_per_client, s.max_queue_bytes):
+        if state.queued_bytes + size > min(s.max_client_bytes, s.max_queue_bytes):
             return [self._busy(identity, msg, "this client's queue is full (bytes of pixels)")]
         replies = self._make_room(state, size)
         if self.queued >= s.max_queue:

@@ -274,7 +274,7 @@ class Broker:
                 model=s.pool_model(), workers=len(s.workers), max_payload_bytes=st.max_message_bytes,
                 heartbeat_interval_s=st.heartbeat_interval_s, max_deadline_ms=st.max_deadline_ms,
                 max_queue_jobs=st.max_queue_per_client,
-                max_queue_bytes=min(st.max_queue_bytes_per_client, st.max_queue_bytes),
+                max_queue_bytes=min(st.max_client_bytes, st.max_queue_bytes),
             ))
         elif isinstance(msg, p.Status):
             report = status_report(s, self.settings, started=self._started, draining=s.draining, now=now)
