@@ -397,6 +397,9 @@ def worker(settings) -> None:
     """Run a worker: N inference threads answer face jobs from the broker with the TFLite model.
 
     Run one per Raspberry Pi, e.g. fer-swarm worker --broker tcp://BROKER:5556 --threads 4.
+    SIGTERM or Ctrl-C drains: new jobs are refused, the ones in hand are finished and
+    answered, then it leaves the broker and exits 0 (within --drain-grace-s; a second
+    Ctrl-C quits at once). --metrics-port serves Prometheus metrics.
     """
     from .worker import Worker
 

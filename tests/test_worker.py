@@ -7,6 +7,7 @@ message the worker sends, in order (READY, replies, DISCONNECT).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -182,5 +183,38 @@ def test_no_broker_at_the_address_is_said_so_and_the_worker_joins_when_one_comes
         assert not worker.logged("broker silent")
         broker = FakeBroker(ctx, f"tcp://127.0.0.1:{port}")
         assert isinstance(broker.recv(30), p.Ready)
+    finally:
+        worker.stop()
+
+
+def test_jobs_beyond_four_per_credit_are_answered_busy_not_held(ctx):
+    """Memory is bounded by jobs in hand, whatever a broker sends: capacity 1 holds at most 4."""
+    from .swarm import WorkerThread
+
+    broker = FakeBroker(ctx)
+    worker = WorkerThread(ctx, broker.endpoint, capacity=1, service_time_ms=3000, liveness=1000, drain_grace_s=0)
+    try:
+        assert isinstance(broker.recv(STARTUP_S), p.Ready)
+        for n in range(10):
+            broker.job(n)
+        busy = [broker.recv(30) for _ in range(6)]
+        assert all(isinstance(b, p.Busy) and "queue is full" in b.reason for b in busy), busy
+        assert {b.job for b in busy} == set(range(4, 10)) and worker.worker.in_hand == 4
+    finally:
+        worker.stop()
+
+
+def test_a_broker_of_another_protocol_version_is_named(ctx, caplog):
+    from .swarm import WorkerThread
+
+    caplog.set_level(logging.ERROR, logger="fer_swarm.worker.worker")
+    broker = FakeBroker(ctx)
+    worker = WorkerThread(ctx, broker.endpoint, liveness=1000, reconnect_initial_s=0.05, reconnect_max_s=0.2)
+    try:
+        for _ in range(2):  # told at every registration, not once
+            assert isinstance(broker.recv(STARTUP_S), p.Ready)
+            broker.sock.send_multipart([broker.identity, b"fer-swarm/3", b"ERROR", b'{"ids":[],"reason":"version"}'])
+        assert wait_for(lambda: sum("speaks fer-swarm/3, this worker fer-swarm/" in r.getMessage()
+                                    for r in caplog.records) >= 2, 20), caplog.text
     finally:
         worker.stop()

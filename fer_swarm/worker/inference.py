@@ -123,7 +123,10 @@ class InferencePool:
                     continue
                 if frames:
                     # inproc PUSH to our own I/O thread: never full for long, so blocking here is fine.
-                    push.send_multipart([task.answer.generation.to_bytes(8, "big"), *frames], copy=True)
+                    try:
+                        push.send_multipart([task.answer.generation.to_bytes(8, "big"), *frames], copy=True)
+                    except zmq.ZMQError:  # the worker left without us (its drain ran out of time)
+                        return
         finally:
             push.close()
 

@@ -135,13 +135,16 @@ class Worker:
             self._sock = self._watch = None
         self.metrics.connected.set(0)
 
-    def _register(self) -> None:
-        if self._send(p.Ready(worker=self.name, capacity=self.capacity, model=self.model_info)):
-            self.registrations += 1
-            self.metrics.registrations.inc()
-            self.metrics.connected.set(1)
-            log.info("worker %s registering with %s (capacity %d, model %s)", self.name, self.settings.broker,
-                     self.capacity, self.card.model_id)
+    def _register(self) -> bool:
+        """Send READY; False if the socket would not take it now."""
+        if not self._send(p.Ready(worker=self.name, capacity=self.capacity, model=self.model_info)):
+            return False
+        self.registrations += 1
+        self.metrics.registrations.inc()
+        self.metrics.connected.set(1)
+        log.info("worker %s registering with %s (capacity %d, model %s)", self.name, self.settings.broker,
+                 self.capacity, self.card.model_id)
+        return True
 
     def _send(self, msg: p.Message) -> bool:
         return transport.send_frames(self._sock, p.encode(msg))
@@ -201,6 +204,7 @@ class Worker:
         next_beat = now + interval
         heard = False
         drain_until: float | None = None
+        unregistered = False  # the link is up and READY has not gone out yet
         while True:
             if self._stop.is_set() and drain_until is None:
                 drain_until = now + s.drain_grace_s
@@ -218,14 +222,15 @@ class Worker:
                 for change in watch.update():
                     if change is Change.UP:
                         liveness.heard(now)
-                        if drain_until is None:
-                            self._register()
+                        unregistered = True
                     elif change is Change.LOST:
                         log.warning("connection to the broker at %s lost", s.broker)
                         return heard
                     else:
                         log.error("%s", watch.failure)
                         return heard
+            if unregistered and watch.up and drain_until is None:
+                unregistered = not self._register()  # tried again next turn if the socket would not take it
             if self._results in events:
                 self._forward_results()
             if sock in events:
