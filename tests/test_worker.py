@@ -135,7 +135,8 @@ def test_a_signal_drains_jobs_in_hand_then_disconnects_and_exits_0(ctx, sig):
         worker.stop()
     assert [type(m).__name__ for m in replies].count("Result") == 2 and isinstance(replies[-1], p.Disconnect)
     results = {m.job: m for m in replies if isinstance(m, p.Result)}
-    assert set(results) == {j.job for j in jobs} and all(r.faces[0].id == j.ids[0] for j, r in zip(jobs, results.values()))
+    assert set(results) == {j.job for j in jobs}
+    assert all(results[j.job].faces[0].id == j.ids[0] for j in jobs)
     busy = [m for m in replies if isinstance(m, p.Busy)]
     assert [(b.job, b.reason) for b in busy] == [(late.job, "worker draining")]
 
