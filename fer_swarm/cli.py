@@ -356,14 +356,26 @@ def keys_fingerprint(path: Path = typer.Argument(..., help="A NAME.key or NAME.k
 
 
 def _serve(server) -> None:
-    """Run ``server.serve()`` in this thread; SIGTERM and Ctrl-C stop it cleanly."""
-    import signal
+    """Run ``server.serve()`` in this thread until it returns.
 
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    try:
-        server.serve()
-    except KeyboardInterrupt:
-        server.stop()
+    The first SIGTERM or Ctrl-C asks the server to drain and stop (``serve``
+    then returns and the command exits 0); a second one stops at once (exit 130).
+    """
+    import signal
+    import threading
+
+    signals: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        if signals:
+            raise KeyboardInterrupt
+        signals.append(signum)
+        # From another thread: a signal handler must not take a lock its own thread may be holding.
+        threading.Thread(target=server.stop, name="stop", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.serve()
 
 
 @settings_command("broker")
@@ -398,6 +410,9 @@ def worker(settings) -> None:
     """Run a worker: N inference threads answer face jobs from the broker with the TFLite model.
 
     Run one per Raspberry Pi, e.g. fer-swarm worker --broker tcp://BROKER:5556 --threads 4.
+    SIGTERM or Ctrl-C drains: new jobs are refused, the ones in hand are finished and
+    answered, then it leaves the broker and exits 0 (within --drain-grace-s; a second
+    Ctrl-C quits at once). --metrics-port serves Prometheus metrics.
     """
     from .worker import Worker
 

@@ -84,11 +84,15 @@ def load_secret(path: Path) -> KeyPair:
         mode = path.stat().st_mode
     except FileNotFoundError:
         raise ConfigError(f"{path}: secret key file not found (create one with: fer-swarm keys generate NAME)") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{path}: secret key is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
+    # Read before judging the mode: a public key file is world-readable by design, and the
+    # operator who gave one needs to hear which file to give, not to chmod it.
     public, secret = _read_cert(path)
     if secret is None:
-        raise ConfigError(f"{path}: no secret-key in this file (is it the public .key?)")
+        name = path.name.removesuffix(PUBLIC_SUFFIX)
+        raise ConfigError(f"{path}: this is a public key, with no secret-key in it; give the "
+                          f"{name}{SECRET_SUFFIX} file made with it")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{path}: secret key is readable by others (mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}")
     return KeyPair(public, secret)
 
 
@@ -127,14 +131,19 @@ class AllowList:
             raise ConfigError(f"{directory}: allowed {domain} key folder not found")
         self.keys = {load_public(p) for p in sorted(self.directory.glob(f"*{PUBLIC_SUFFIX}"))}
         self._recently_refused: OrderedDict[bytes, None] = OrderedDict()
-        log.info("%d allowed %s key(s) in %s", len(self.keys), domain, directory)
+        if self.keys:
+            log.info("%d allowed %s key(s) in %s", len(self.keys), domain, directory)
+        else:
+            log.warning("no allowed %s keys (*%s) in %s: every %s will be refused until its public key is copied "
+                        "there and the broker restarted", domain, PUBLIC_SUFFIX, directory, domain.rstrip("s"))
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
         # Log each refused key once while it is recent, so a flood of handshakes cannot flood the log.
         if key not in self._recently_refused:
-            log.warning("refused %s with unknown CURVE key %s", self.domain.rstrip("s"), fingerprint(key))
+            log.warning("refused %s with unknown CURVE key %s (not in %s)", self.domain.rstrip("s"), fingerprint(key),
+                        self.directory)
             self._recently_refused[key] = None
             if len(self._recently_refused) > 1024:
                 self._recently_refused.popitem(last=False)
@@ -163,6 +172,34 @@ def make_client(sock: zmq.Socket, keys: KeyPair, server_public: bytes) -> None:
     sock.curve_publickey = keys.public
     sock.curve_secretkey = keys.secret
     sock.curve_serverkey = server_public
+
+
+# Transports a fer-swarm endpoint may name (libzmq's; tcp is the one across machines).
+TRANSPORTS = ("tcp", "ipc", "inproc")
+
+
+def check_endpoint(endpoint: str, setting: str, *, bind: bool = False) -> None:
+    """ConfigError, with the likely fix, for an endpoint that names no transport (``localhost:5555``, ``5555``).
+
+    Checked before the encryption rule, whose error would otherwise send the
+    operator after keys when the address only lacks its ``tcp://``.
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if sep and scheme in TRANSPORTS:
+        if rest:
+            return
+        raise ConfigError(f"{setting} {endpoint!r} names no address: use {scheme}://HOST:PORT")
+    if sep:
+        raise ConfigError(f"{setting} {endpoint!r}: unknown transport {scheme!r}; use tcp://HOST:PORT "
+                          "(or ipc://PATH on one machine)")
+    if endpoint.isdigit():
+        guess = (f"tcp://127.0.0.1:{endpoint} (this machine only) or tcp://*:{endpoint} (every interface)" if bind
+                 else f"tcp://localhost:{endpoint}")
+    elif ":" in endpoint:
+        guess = f"tcp://{endpoint}"
+    else:
+        guess = "tcp://HOST:PORT"
+    raise ConfigError(f"{setting} {endpoint!r} names no transport: did you mean {guess}?")
 
 
 def is_local(endpoint: str) -> bool:
@@ -196,6 +233,8 @@ def broker_security(settings) -> BrokerSecurity | None:
     The rule: plaintext only on endpoints that never leave this machine,
     unless the operator says --insecure, which is logged as a warning.
     """
+    check_endpoint(settings.frontend, "frontend", bind=True)
+    check_endpoint(settings.backend, "backend", bind=True)
     given = [settings.secret_key, settings.client_keys, settings.worker_keys]
     if any(given):
         if not all(given):
@@ -219,6 +258,7 @@ def broker_security(settings) -> BrokerSecurity | None:
 
 def client_security(settings, endpoint: str) -> tuple[KeyPair, bytes] | None:
     """(own key pair, broker public key) for a worker or edge, or None for plaintext; same rule as the broker."""
+    check_endpoint(endpoint, "broker")
     if settings.secret_key or settings.broker_key:
         if not (settings.secret_key and settings.broker_key):
             raise ConfigError("CURVE needs both --secret-key and --broker-key")

@@ -619,7 +619,7 @@ def test_send_never_blocks_and_reports_a_full_socket(ctx):
     with SwarmClient(ctx, "tcp://127.0.0.1:9", hwm=2) as client:
         crop = np.zeros((48, 40), np.uint8)
         results = [client.send_job([cid(k, 0), cid(k, 1)], [crop, crop], 100) for k in range(20)]
-    assert results[0] and not results[-1]
+    assert not any(results)  # ZMQ_IMMEDIATE: nothing is queued for a broker that is not connected
 
 
 def test_zmq_errors_become_transport_errors(ctx):

@@ -168,3 +168,117 @@ def test_cli_key_errors_are_one_line(keys):
     assert res.returncode == 2 and len(error_lines(res.stderr)) == 1 and "chmod 600" in res.stderr
     res = run_cli("keys", "generate", "x", "--dir", str(keys / "all"), timeout=60)
     assert res.returncode == 0 and (keys / "all" / "x.key_secret").exists()
+
+
+# ---------------------------------------------------------------- errors an operator can act on (issue 12.4)
+
+
+def edge_client(ctx, endpoint, curve=None):
+    from fer_swarm.edge.client import SwarmClient
+
+    return SwarmClient(ctx, endpoint, connect_timeout_s=30, curve=curve)
+
+
+@pytest.mark.parametrize("who, broker_key, expect", [
+    ("stranger", "broker", "refused this client's key"),
+    ("headset", "stranger", "probably not this broker's"),
+    (None, None, "requires CURVE encryption"),
+])
+def test_edge_connect_says_which_key_problem_it_is_at_once(keys, who, broker_key, expect):
+    """Each is raised from the handshake itself, not after the 30 s connect timeout ("no broker answered")."""
+    from fer_swarm.errors import TransportError
+
+    curve = None
+    if who:
+        curve = (security.load_secret(keys / "all" / f"{who}.key_secret"),
+                 security.load_public(keys / "all" / f"{broker_key}.key"))
+    with zmq_context() as ctx:
+        b = secure_broker(ctx, keys)
+        try:
+            with edge_client(ctx, b.frontend, curve) as client, pytest.raises(TransportError) as raised:
+                client.connect()
+        finally:
+            b.stop()
+    message = str(raised.value)
+    assert expect in message and not message.startswith("no broker answered"), message
+    if who == "stranger":
+        assert curve[0].fingerprint in message and "ZAP status 400" in message and "--client-keys" in message
+
+
+def test_curve_client_against_a_plaintext_broker_is_told_so(keys):
+    from fer_swarm.errors import TransportError
+
+    with zmq_context() as ctx:
+        b = BrokerThread(ctx)
+        try:
+            with edge_client(ctx, b.frontend, curve(keys, "headset")) as client:
+                with pytest.raises(TransportError, match="does not use CURVE"):
+                    client.connect()
+        finally:
+            b.stop()
+
+
+def test_a_worker_with_a_refused_key_says_so_every_retry_not_broker_silent(keys, caplog):
+    caplog.set_level(logging.INFO)
+    with zmq_context() as ctx:
+        b = secure_broker(ctx, keys)
+        rogue = WorkerThread(ctx, b.backend, secret_key=keys / "all" / "rogue-pi.key_secret",
+                             broker_key=keys / "all" / "broker.key", reconnect_initial_s=0.05, reconnect_max_s=0.2)
+        try:
+            refused = lambda: [r for r in caplog.records if "refused this worker's key" in r.getMessage()]  # noqa: E731
+            assert wait_for(lambda: len(refused()) >= 3, 20)
+        finally:
+            rogue.stop()
+            b.stop()
+    assert all(r.levelno == logging.ERROR for r in refused())
+    fp = security.fingerprint(security.load_public(keys / "all" / "rogue-pi.key"))
+    assert fp in refused()[0].getMessage()
+    assert not any("broker silent" in r.getMessage() for r in caplog.records)
+    assert rogue.worker.registrations == 0
+
+
+def test_an_endpoint_without_its_scheme_gets_did_you_mean(keys):
+    from fer_swarm.broker import Broker
+    from fer_swarm.config import EdgeSettings
+
+    with pytest.raises(ConfigError, match=r"did you mean tcp://localhost:5555\?"):
+        Worker(WorkerSettings(broker="localhost:5555"))
+    with pytest.raises(ConfigError, match=r"did you mean tcp://localhost:5555\?"):
+        security.client_security(EdgeSettings(broker="5555"), "5555")
+    # Checked before the encryption rule, on the broker's endpoints too.
+    with pytest.raises(ConfigError, match=r"frontend '5555' names no transport: did you mean tcp://127.0.0.1:5555"):
+        Broker(BrokerSettings(frontend="5555", backend="tcp://127.0.0.1:0"))
+    with pytest.raises(ConfigError, match=r"did you mean tcp://pi.local:5556\?"):
+        Broker(BrokerSettings(frontend="tcp://127.0.0.1:0", backend="pi.local:5556"))
+    with pytest.raises(ConfigError, match="unknown transport 'udp'"):
+        Worker(WorkerSettings(broker="udp://10.0.0.1:5556"))
+    security.check_endpoint("tcp://10.0.0.1:5556", "broker")  # well-formed: no error
+    security.check_endpoint("ipc:///tmp/fer-swarm", "broker")
+    res = run_cli("worker", "--broker", "localhost:5556", timeout=60)
+    assert res.returncode == 2 and error_lines(res.stderr) == [
+        "error: broker 'localhost:5556' names no transport: did you mean tcp://localhost:5556?"]
+
+
+def test_an_empty_allow_list_warns(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="fer_swarm.security")
+    (tmp_path / "clients").mkdir()
+    security.AllowList(security.CLIENTS_DOMAIN, tmp_path / "clients")
+    [record] = [r for r in caplog.records if "no allowed clients keys" in r.getMessage()]
+    assert record.levelno == logging.WARNING and "every client will be refused" in record.getMessage()
+
+
+def test_a_public_key_given_as_the_secret_key_says_which_file_to_give(keys):
+    public = keys / "all" / "pi-1.key"
+    os.chmod(public, 0o644)  # as a public key file usually is: not "readable by others" first
+    with pytest.raises(ConfigError, match=r"this is a public key.*give the pi-1\.key_secret file"):
+        security.load_secret(public)
+
+
+def test_the_broker_logs_a_refused_key_with_its_fingerprint_and_the_folder(keys, caplog):
+    caplog.set_level(logging.WARNING, logger="fer_swarm.security")
+    allow = security.AllowList(security.WORKERS_DOMAIN, keys / "workers")
+    stranger = security.load_public(keys / "all" / "stranger.key")
+    assert not allow.callback("workers", stranger) and not allow.callback("workers", stranger)
+    assert allow.callback("workers", security.load_public(keys / "all" / "pi-1.key"))
+    [record] = [r for r in caplog.records if "refused" in r.getMessage()]  # once while recent
+    assert security.fingerprint(stranger) in record.getMessage() and str(keys / "workers") in record.getMessage()

@@ -4,6 +4,31 @@ This is the edge's only socket, and the one place where ``zmq.ZMQError``
 becomes :class:`TransportError`. Sending never blocks: a frame's faces must
 not wait for a slow network, so a job the socket cannot take at once is
 reported to the caller as failed, not queued.
+
+Nothing is queued for a broker we are not connected to: the socket sets
+``ZMQ_IMMEDIATE``, so while the connection is down (not yet up, or lost and
+being retried by libzmq) ``send_job`` returns False at once and the caller
+counts those faces as unsent, instead of libzmq holding them and delivering
+them to a restarted broker seconds late.
+
+Jobs in flight when the connection drops get no reply: a restarted broker
+never saw them, and a reply on its way is lost with the connection. A client
+must therefore time out every job itself at its deadline (the edge's pipeline
+shows such a face unlabelled once the frame's display delay is over and
+counts the job as timed out); :class:`SwarmClient` logs the loss and the
+reconnection, but cannot name the jobs.
+
+:meth:`SwarmClient.connect` says what went wrong, within ``connect_timeout_s``
+(see ``fer_swarm.linkwatch`` for what libzmq reports in each case): nothing
+answers at the address, the broker refused our key, our broker key is not the
+broker's, the broker wants CURVE (or does not), it speaks another protocol
+version, or it answered but has no worker yet.
+
+Bounded memory: at most ``hwm`` JOBs (default 64) wait in the socket toward
+the broker, each at most 16 crops at the model's size (2.4 MB at 48x48 in the
+worst case), and at most ``RECV_HWM`` replies wait to be read, each frame at
+most ``MAX_MESSAGE_BYTES`` (``ZMQ_MAXMSGSIZE``), with headers of at most 8 KiB
+by the protocol: 8 MiB.
 """
 
 from __future__ import annotations
@@ -16,10 +41,12 @@ from typing import Iterator, Sequence
 import numpy as np
 import zmq
 
-from ..errors import FerSwarmError, ProtocolError, TransportError
+from ..errors import ProtocolError, TransportError
+from ..linkwatch import Change, LinkWatch, Liveness, foreign_version
 from ..security import KeyPair, make_client
 from ..protocol import (
-    Busy, CorrelationId, Disconnect, Error, Expired, Heartbeat, Hello, Job, Result, Welcome, decode, encode,
+    PROTOCOL_TAG, Busy, CorrelationId, Disconnect, Error, Expired, Heartbeat, Hello, Job, Result, Welcome, decode,
+    encode,
 )
 
 __all__ = ["SwarmClient", "Reply"]
@@ -34,8 +61,10 @@ HELLO_INTERVAL_S = 0.5
 LIVENESS = 3
 # Replies read per poll_replies call at most, so one call cannot run unbounded.
 MAX_REPLIES_PER_POLL = 1000
-# Largest message accepted from the broker: replies are small JSON headers.
-MAX_MESSAGE_BYTES = 65536
+# Largest frame accepted from the broker: replies are JSON headers of at most 8 KiB.
+MAX_MESSAGE_BYTES = 16384
+# Replies waiting to be read at most; beyond it libzmq stops reading and the broker's side fills.
+RECV_HWM = 1000
 CLOSE_LINGER_MS = 100
 
 
@@ -51,7 +80,7 @@ def _transport(what: str) -> Iterator[None]:
 class SwarmClient:
     """A client of the broker's frontend. Not thread-safe: ZeroMQ sockets belong to one thread.
 
-    ``hwm`` bounds the messages queued in each direction; past it ``send_job`` reports failure.
+    ``hwm`` bounds the JOBs queued toward the broker; past it ``send_job`` reports failure.
     """
 
     def __init__(
@@ -61,61 +90,73 @@ class SwarmClient:
         *,
         name: str = "fer-swarm edge",
         connect_timeout_s: float = 10.0,
-        hwm: int = 1000,
+        hwm: int = 64,
         curve: tuple[KeyPair, bytes] | None = None,
     ):
         self.endpoint = endpoint
         self.name = name[:64]
         self.connect_timeout_s = connect_timeout_s
         self.welcome: Welcome | None = None
-        self._last_sent = self._last_heard = time.monotonic()
+        self._last_sent = time.monotonic()
+        self._liveness: Liveness | None = None  # from WELCOME on
         self._silent = False
+        self._refusal: str | None = None  # the broker's answer that ends connect(), in words
+        self._watch: LinkWatch | None = None
         with _transport(f"cannot connect to {endpoint}"):
             self._socket = context.socket(zmq.DEALER)
             try:
                 self._socket.setsockopt(zmq.LINGER, 0)  # closing must never hang on unsent jobs
+                self._socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a broker we are not connected to
                 self._socket.setsockopt(zmq.SNDHWM, hwm)
-                self._socket.setsockopt(zmq.RCVHWM, hwm)
+                self._socket.setsockopt(zmq.RCVHWM, RECV_HWM)
                 self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
                 if curve:
                     make_client(self._socket, *curve)
+                self._watch = LinkWatch(self._socket, endpoint, role="client", curve=curve)
                 self._socket.connect(endpoint)
             except zmq.ZMQError:
+                if self._watch is not None:
+                    self._watch.close()
                 self._socket.close(linger=0)
                 raise
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._watch.monitor, zmq.POLLIN)
 
     def connect(self) -> Welcome:
         """Say HELLO until the broker answers with a WELCOME that names the pool's model.
 
         HELLO is repeated every 0.5 s because WELCOME's model is null until a
         worker has registered, and the broker announces a model only when asked.
-        Raises FerSwarmError after ``connect_timeout_s``.
+        Raises TransportError as soon as the broker refuses us (key, encryption,
+        protocol version, an ERROR or DISCONNECT answer), or after
+        ``connect_timeout_s`` saying how far the connection got.
         """
         deadline = time.monotonic() + self.connect_timeout_s
         next_hello = 0.0
-        answered = False
         while (now := time.monotonic()) < deadline:
-            if now >= next_hello:
+            if now >= next_hello and self._watch.up:  # before the handshake, IMMEDIATE would refuse it
                 self._send(Hello(client=self.name))
                 next_hello = now + HELLO_INTERVAL_S
-            for _ in self._receive(int(1000 * max(0.0, min(next_hello, deadline) - time.monotonic()))):
-                pass  # replies to jobs cannot arrive before we sent any
-            if self.welcome is not None:
-                answered = True
-                if self.welcome.model is not None:
-                    model = self.welcome.model
-                    log.info("connected to %s: model %s (%dx%d), %d worker(s)", self.endpoint, model.ref,
-                             model.width_px, model.height_px, self.welcome.workers)
-                    return self.welcome
-        if answered:
-            raise FerSwarmError(
+            wait_s = (min(next_hello, deadline) if self._watch.up else deadline) - time.monotonic()
+            for reply in self._receive(int(1000 * max(0.0, wait_s))):
+                if isinstance(reply, Error) and not reply.ids:
+                    self._refusal = f"the broker at {self.endpoint} answered HELLO with ERROR: {reply.reason}"
+            if self._watch.failure:
+                raise TransportError(self._watch.failure)
+            if self._refusal:
+                raise TransportError(self._refusal)
+            if self.welcome is not None and self.welcome.model is not None:
+                model = self.welcome.model
+                log.info("connected to %s: model %s (%dx%d), %d worker(s)", self.endpoint, model.ref,
+                         model.width_px, model.height_px, self.welcome.workers)
+                return self.welcome
+        if self.welcome is not None:
+            raise TransportError(
                 f"the broker at {self.endpoint} answered but no worker is registered "
                 f"(waited {self.connect_timeout_s:g} s): start one with `fer-swarm worker`"
             )
-        raise FerSwarmError(
-            f"no broker answered at {self.endpoint} within {self.connect_timeout_s:g} s "
-            "(is `fer-swarm broker` running there, and is the address right?)"
-        )
+        raise TransportError(self._watch.explain_silence(self.connect_timeout_s))
 
     def send_job(self, ids: Sequence[CorrelationId], crops: Sequence[np.ndarray], deadline_ms: int) -> bool:
         """Queue one JOB of face crops (each 2-D uint8, height x width, all one size) without blocking.
@@ -146,6 +187,7 @@ class SwarmClient:
                 self._send(Disconnect(reason="edge closing"))
             except TransportError:
                 pass  # leaving anyway; the broker forgets silent clients
+            self._watch.close()
             # A short linger lets the DISCONNECT out (so the broker drops our queued
             # jobs at once) without ever hanging on a broker that is gone.
             self._socket.close(linger=CLOSE_LINGER_MS)
@@ -167,27 +209,50 @@ class SwarmClient:
 
     def _receive(self, timeout_ms: int) -> Iterator[Reply]:
         with _transport(f"cannot receive from {self.endpoint}"):
-            if not self._socket.poll(max(0, timeout_ms), zmq.POLLIN):
+            events = dict(self._poller.poll(max(0, timeout_ms)))
+            if self._watch.monitor in events:
+                self._on_link(self._watch.update())
+            if self._socket not in events:
                 return
             for _ in range(MAX_REPLIES_PER_POLL):
                 try:
                     frames = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     return
-                self._heard()
                 try:
                     msg = decode(frames)
                 except ProtocolError as e:
-                    log.warning("malformed message from the broker dropped: %s", e)
+                    theirs = foreign_version(frames)
+                    if theirs and not self._refusal:
+                        self._refusal = (f"the broker at {self.endpoint} speaks {theirs}, this client "
+                                         f"{PROTOCOL_TAG.decode()}: install the same fer-swarm version on both")
+                        log.error("%s", self._refusal)
+                    elif not theirs:
+                        log.warning("malformed message from the broker dropped: %s", e)
                     continue
+                self._heard()
                 if isinstance(msg, (Result, Expired, Busy, Error)):
                     yield msg
                 elif isinstance(msg, Welcome):
                     self._welcomed(msg)
                 elif isinstance(msg, Disconnect):
-                    log.warning("the broker at %s disconnected us: %s", self.endpoint, msg.reason or "no reason given")
+                    reason = msg.reason or "no reason given"
+                    if self.welcome is None:  # e.g. the workers' port answering a stranger
+                        self._refusal = (f"the broker at {self.endpoint} sent DISCONNECT: {reason} "
+                                         "(is this the broker's port for clients?)")
+                    log.warning("the broker at %s disconnected us: %s", self.endpoint, reason)
                 elif not isinstance(msg, Heartbeat):
                     log.warning("unexpected %s from the broker dropped", msg.command.value)
+
+    def _on_link(self, changes: list[Change]) -> None:
+        for change in changes:
+            if change is Change.LOST:
+                log.warning("lost the connection to the broker at %s; jobs in flight get no reply and time out "
+                            "at their deadline, new ones count as unsent until it is back", self.endpoint)
+            elif change is Change.UP and self.welcome is not None:
+                log.info("connection to the broker at %s is back", self.endpoint)
+            elif change is Change.FAILED and self.welcome is not None:
+                log.error("%s", self._watch.failure)
 
     def _welcomed(self, msg: Welcome) -> None:
         old = self.welcome.model if self.welcome is not None else None
@@ -199,7 +264,8 @@ class SwarmClient:
             self.welcome = msg
 
     def _heard(self) -> None:
-        self._last_heard = time.monotonic()
+        if self._liveness is not None:
+            self._liveness.heard(time.monotonic())
         if self._silent:
             self._silent = False
             log.info("the broker at %s is answering again", self.endpoint)
@@ -210,9 +276,12 @@ class SwarmClient:
             return
         interval = self.welcome.heartbeat_interval_s
         now = time.monotonic()
+        if self._liveness is None:
+            self._liveness = Liveness(interval, LIVENESS, now)
         if now - self._last_sent >= interval:
             self._send(Heartbeat())
-        if not self._silent and now - self._last_heard >= LIVENESS * interval:
+        # Silence counts this loop's running time, not a stall of the edge's own (see linkwatch.Liveness).
+        if self._liveness.tick(now) and not self._silent:
             self._silent = True
             log.warning("the broker at %s has been silent for %.1f s; jobs in flight are lost",
-                        self.endpoint, now - self._last_heard)
+                        self.endpoint, self._liveness.silent_s)

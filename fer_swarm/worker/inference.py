@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,8 +53,10 @@ class Task:
 
 class InferencePool:
     def __init__(self, ctx: zmq.Context, results_endpoint: str, model_path, card: ModelCard, threads: int,
-                 worker_name: str, crop_size: tuple[int, int], service_time_ms: float = 0.0, *, echo: bool = False):
+                 worker_name: str, crop_size: tuple[int, int], service_time_ms: float = 0.0, *, echo: bool = False,
+                 on_face: Callable[[float], None] | None = None):
         self.card = card
+        self.on_face = on_face  # called from the inference threads with each face's seconds
         self.crop_size = crop_size  # (width, height) the worker announced: JOBs of another size are refused
         self.service_time_s = service_time_ms / 1000
         self.echo = echo
@@ -61,6 +64,7 @@ class InferencePool:
         self.tasks: queue.Queue[Task | None] = queue.Queue(maxsize=MAX_QUEUED_PARTS)
         self._ctx = ctx
         self._endpoint = results_endpoint
+        self._stopping = False
         # Load every interpreter before starting: a model that cannot load fails start-up, not job one.
         self._classifiers = [Classifier(model_path, threads=1, card=card) for _ in range(threads)]
         for clf in self._classifiers:  # the first invoke sets up kernels: pay it now, not on a client's first face
@@ -89,18 +93,29 @@ class InferencePool:
         for t in self._threads:
             t.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop the threads, dropping the parts still queued; True if all ended within ``timeout_s``.
+
+        A thread in the middle of a part finishes it first (a model call cannot be interrupted).
+        """
+        self._stopping = True
         for _ in self._threads:
-            self.tasks.put(None)
+            try:
+                self.tasks.put_nowait(None)
+            except queue.Full:  # the threads see _stopping at their next part
+                break
+        end = time.monotonic() + timeout_s
         for t in self._threads:
-            t.join(timeout=5)
+            if t.is_alive():
+                t.join(timeout=max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
 
     def _run(self, clf: Classifier) -> None:
         push = self._ctx.socket(zmq.PUSH)
         push.linger = 0
         push.connect(self._endpoint)
         try:
-            while (task := self.tasks.get()) is not None:
+            while (task := self.tasks.get()) is not None and not self._stopping:
                 try:
                     frames = self._run_part(clf, task)
                 except Exception:  # a bug must cost one reply, never the thread
@@ -108,7 +123,10 @@ class InferencePool:
                     continue
                 if frames:
                     # inproc PUSH to our own I/O thread: never full for long, so blocking here is fine.
-                    push.send_multipart([task.answer.generation.to_bytes(8, "big"), *frames], copy=True)
+                    try:
+                        push.send_multipart([task.answer.generation.to_bytes(8, "big"), *frames], copy=True)
+                    except zmq.ZMQError:  # the worker left without us (its drain ran out of time)
+                        return
         finally:
             push.close()
 
@@ -176,10 +194,14 @@ class InferencePool:
         t0 = time.perf_counter()
         if self.echo:  # a simulated device: a fixed service time, no model run on this machine's CPU
             time.sleep(self.service_time_s)
-            return self._echo_face(id, self.service_time_s * 1000)
-        probs = clf.predict(np.frombuffer(crop, dtype=np.uint8))
-        if self.service_time_s:
-            time.sleep(max(0.0, t0 + self.service_time_s - time.perf_counter()))
-        return p.FaceResult(id=id, label=labels[int(np.argmax(probs))],
-                            probabilities={label: round(float(v), 5) for label, v in zip(labels, probs)},
-                            inference_ms=round((time.perf_counter() - t0) * 1000, 3))
+            face = self._echo_face(id, self.service_time_s * 1000)
+        else:
+            probs = clf.predict(np.frombuffer(crop, dtype=np.uint8))
+            if self.service_time_s:
+                time.sleep(max(0.0, t0 + self.service_time_s - time.perf_counter()))
+            face = p.FaceResult(id=id, label=labels[int(np.argmax(probs))],
+                                probabilities={label: round(float(v), 5) for label, v in zip(labels, probs)},
+                                inference_ms=round((time.perf_counter() - t0) * 1000, 3))
+        if self.on_face:
+            self.on_face(time.perf_counter() - t0)
+        return face
