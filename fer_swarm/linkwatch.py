@@ -168,7 +168,7 @@ class LinkWatch:
 
 
 def foreign_version(frames: Sequence[bytes | zmq.Frame]) -> str | None:
-    """The peer's protocol tag (e.g. ``"fer-swarm/3"``) when ``frames`` speak another version, else None."""
+    """The peer's protocol tag (e.g. ``"fer-swarm/4"``) when ``frames`` speak another version, else None."""
     if not frames:
         return None
     tag = bytes(frames[0].bytes if isinstance(frames[0], zmq.Frame) else frames[0])[:32]

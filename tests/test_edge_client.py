@@ -60,8 +60,8 @@ def ids(frame, n=1):
 
 
 @pytest.mark.parametrize("frames, expect", [
-    ([b"fer-swarm/3", b"ERROR", b'{"ids":[],"reason":"unsupported protocol version"}'],
-     "speaks fer-swarm/3, this client fer-swarm/"),
+    ([b"fer-swarm/4", b"ERROR", b'{"ids":[],"reason":"unsupported protocol version"}'],
+     "speaks fer-swarm/4, this client fer-swarm/"),
     (p.encode(p.Error(ids=(), reason="malformed message: something")),
      "answered HELLO with ERROR: malformed message: something"),
     (p.encode(p.Disconnect(reason="unknown worker: send READY")),

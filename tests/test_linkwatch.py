@@ -155,7 +155,7 @@ def test_a_lost_connection_is_reported_once_it_was_up(ctx):
 
 
 def test_foreign_version_names_the_peers_tag():
-    assert foreign_version([b"fer-swarm/3", b"ERROR", b"{}"]) == "fer-swarm/3"
+    assert foreign_version([b"fer-swarm/4", b"ERROR", b"{}"]) == "fer-swarm/4"
     assert foreign_version([zmq.Frame(b"fer-swarm/1"), b"ERROR", b"{}"]) == "fer-swarm/1"
     assert foreign_version([PROTOCOL_TAG, b"ERROR", b"{}"]) is None
     assert foreign_version([b"HTTP/1.1 400", b""]) is None and foreign_version([]) is None

@@ -214,8 +214,8 @@ def test_a_broker_of_another_protocol_version_is_named(ctx, caplog):
     try:
         for _ in range(2):  # told at every registration, not once
             assert isinstance(broker.recv(STARTUP_S), p.Ready)
-            broker.sock.send_multipart([broker.identity, b"fer-swarm/3", b"ERROR", b'{"ids":[],"reason":"version"}'])
-        assert wait_for(lambda: sum("speaks fer-swarm/3, this worker fer-swarm/" in r.getMessage()
+            broker.sock.send_multipart([broker.identity, b"fer-swarm/4", b"ERROR", b'{"ids":[],"reason":"version"}'])
+        assert wait_for(lambda: sum("speaks fer-swarm/4, this worker fer-swarm/" in r.getMessage()
                                     for r in caplog.records) >= 2, 20), caplog.text
     finally:
         worker.stop()
