@@ -419,9 +419,10 @@ def edge(settings) -> None:
     """Run the edge client: find faces in a camera, video or image folder, label them through the swarm,
     and show them in a window or write --output annotated.mp4 and --events events.jsonl.
 
-    Ctrl-C or SIGTERM stops it cleanly: no new frames are read, the frames in hand get their labels
-    (up to --display-delay-ms), the video and events files are closed and the summary is printed
-    (exit 0). A second Ctrl-C quits at once. Reading a file on a terminal shows its progress."""
+    Ctrl-C or SIGTERM stops it cleanly: no new frames are read, the frames
+    in hand get their labels (up to --display-delay-ms), the video and events
+    files are closed and the summary is printed (exit 0). A second Ctrl-C
+    quits at once. Reading a file on a terminal shows its progress."""
     import signal
     import threading
 
