@@ -480,12 +480,16 @@ def _print_edge_summary(summary, title: str) -> None:
     table.add_column(justify="right")
     table.add_column()
     fmt = lambda v: "-" if v is None else f"{v:.1f} ms"  # noqa: E731
+    errors = [f"{k} {v}" for k, v in d["errors"].items()]
+    if d.get("unsent"):  # crops the socket would not take: the broker never saw them
+        errors.append(f"{d['unsent']} crop(s) unsent")
     rows = [
-        ("frames", f"{d['frames']} in {d['wall_s']:.1f} s ({d['fps']:.1f} fps)"),
+        ("frames", f"{d['frames']} in {d['wall_s']:.1f} s ({d['fps']:.1f} fps)"
+                   + (", stopped early" if d.get("stopped") else "")),
         ("faces", f"{d['faces']} in {d['tracks']} track(s) ({d['answered']} labelled)"),
         ("crops sent", f"{d['crops_sent']} ({d['crops_sent'] / max(d['faces'], 1):.2f} per face shown)"),
         ("labels", ", ".join(f"{k} {v}" for k, v in sorted(d["labels"].items(), key=lambda kv: -kv[1])) or "-"),
-        ("errors", ", ".join(f"{k} {v}" for k, v in d["errors"].items()) or "none"),
+        ("errors", ", ".join(errors) or "none"),
         ("latency", f"p50 {fmt(d['latency_p50_ms'])}, p95 {fmt(d['latency_p95_ms'])}"),
     ]
     for k, v in rows:
@@ -496,21 +500,46 @@ def _print_edge_summary(summary, title: str) -> None:
 @settings_command("edge")
 def edge(settings) -> None:
     """Run the edge client: find faces in a camera, video or image folder, label them through the swarm,
-    and show them in a window or write --output annotated.mp4 and --events events.jsonl."""
+    and show them in a window or write --output annotated.mp4 and --events events.jsonl.
+
+    Ctrl-C or SIGTERM stops it cleanly: no new frames are read, the frames
+    in hand get their labels (up to --display-delay-ms), the video and events
+    files are closed and the summary is printed (exit 0). A second Ctrl-C
+    quits at once. Reading a file on a terminal shows its progress."""
     import signal
     import threading
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .edge.app import run_edge
 
     if settings.camera is None and settings.video is None and settings.images is None:
         raise ConfigError("give a source: --camera INDEX, --video FILE or --images DIR")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    received: list[str] = []
+
+    def on_signal(signum, _frame) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user will not wait for the flush
+        received.append(signal.Signals(signum).name)
+        stop.set()  # the edge loop notices within one wait and flushes what it holds
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # Progress for files only (a camera has no end), and only for a person watching a terminal.
+    progress = Progress(TextColumn("edge"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("frames  {task.fields[fps]:.1f} fps  {task.fields[faces]} faces"),
+                        TimeElapsedColumn(), console=err, transient=True,
+                        disable=not err.is_terminal or settings.camera is not None)
+    task = progress.add_task("edge", total=None, fps=0.0, faces=0)
     try:
-        summary = run_edge(settings, stop=stop)
-    except KeyboardInterrupt:
-        return
-    _print_edge_summary(summary, "edge summary")
+        with progress:
+            summary = run_edge(settings, stop=stop, progress=None if progress.disable else (
+                lambda p: progress.update(task, completed=p.position, total=p.total, fps=p.fps, faces=p.faces)))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    title = "edge summary" + (f" (stopped by {received[0]})" if received else "")
+    _print_edge_summary(summary, title)
 
 
 @app.command()

@@ -6,11 +6,15 @@ while a source waits for its next frame, the loop handles replies and shows
 frames (the source's ``wait`` is :meth:`_EdgeRun.handle`). The rules for when
 a frame is shown live in :mod:`.pipeline`; this module wires the parts to the
 settings and the outputs: a window, an annotated video, JSON-lines events.
+
+A stop (the ``stop`` event, q/Esc in the window) ends the reading of frames,
+not the run: the frames already read still get their display delay to collect
+their labels, are shown and written, and the outputs are closed, so a stopped
+run leaves a playable video, whole event lines and a summary.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,10 +23,10 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any
+from typing import Any
 
-import cv2
 import numpy as np
 import zmq
 
@@ -32,27 +36,29 @@ from ..faces import FaceDetector, crop_face, make_detector, to_gray
 from ..framing import framing_for
 from ..protocol import MAX_CROPS
 from ..security import client_security
+from ..telemetry import serve
 from .client import SwarmClient
-from .draw import draw_faces
 from .labels import TrackLabels
+from .metrics import EdgeMetrics
+from .outputs import Outputs
 from .pipeline import UNSENT, FramePipeline, ShownFrame
 from .relabel import RelabelBudget
 from .sources import Frame, FrameSource, open_source
 from .tracks import Tracker
 
-__all__ = ["EdgeSummary", "run_edge", "window_wanted"]
+__all__ = ["EdgeProgress", "EdgeSummary", "run_edge", "window_wanted"]
 
 log = logging.getLogger(__name__)
 
-WINDOW_TITLE = "fer-swarm edge (q or Esc to quit)"
-DEFAULT_FPS = 30.0
 # Latencies kept for the summary's percentiles; beyond this a uniform sample of them.
 _LATENCY_SAMPLES = 100_000
 
 
 @dataclass(frozen=True)
 class EdgeSummary:
-    """What one edge run did. ``errors`` counts faces by error kind, ``labels`` by label."""
+    """What one edge run did. ``errors`` counts faces shown without a label by error kind, ``labels``
+    faces by label; ``unsent`` counts crops the edge could not hand to its socket (no reply will come);
+    ``stopped`` is true when a stop request (signal, q/Esc) ended the run before its source did."""
 
     frames: int
     faces: int
@@ -66,9 +72,24 @@ class EdgeSummary:
     late_replies: int = 0
     tracks: int = 0
     crops_sent: int = 0
+    unsent: int = 0
+    stopped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class EdgeProgress:
+    """Where a run is, after each frame: ``position`` frames into a source of ``total`` (None if
+    unknown, e.g. a camera), ``frames`` processed (fewer than ``position`` when real time skips
+    some), ``faces`` seen in them, and the frame rate over the last second."""
+
+    position: int
+    total: int | None
+    frames: int
+    faces: int
+    fps: float
 
 
 class _Stopped(Exception):
@@ -105,7 +126,8 @@ class _Tally:
         elif (j := self._rng.randrange(self._seen)) < _LATENCY_SAMPLES:
             self.latencies[j] = latency_ms
 
-    def summary(self, wall_s: float, late_replies: int, *, tracks: int, crops_sent: int) -> EdgeSummary:
+    def summary(self, wall_s: float, late_replies: int, *, tracks: int, crops_sent: int, unsent: int,
+                stopped: bool) -> EdgeSummary:
         p50 = p95 = None
         if self.latencies:
             p50, p95 = (round(float(v), 2) for v in np.percentile(self.latencies, [50, 95]))
@@ -114,7 +136,7 @@ class _Tally:
             errors=dict(self.errors), labels=dict(self.labels),
             latency_p50_ms=p50, latency_p95_ms=p95, wall_s=round(wall_s, 3),
             fps=round(self.frames / wall_s, 2) if wall_s > 0 else 0.0, late_replies=late_replies,
-            tracks=tracks, crops_sent=crops_sent,
+            tracks=tracks, crops_sent=crops_sent, unsent=unsent, stopped=stopped,
         )
 
 
@@ -140,74 +162,19 @@ def _require_display() -> None:
         )
 
 
-class _Outputs:
-    """Window, annotated video and events file; each optional."""
-
-    def __init__(self, settings: EdgeSettings, *, window: bool, fps: float | None):
-        self.settings = settings
-        self.window = window
-        self.fps = fps or DEFAULT_FPS
-        self.quit = False
-        self._sized = False
-        self._writer: cv2.VideoWriter | None = None
-        self._events: IO[str] | None = None
-        if settings.events is not None:
-            try:
-                self._events = open(settings.events, "w", encoding="utf-8")
-            except OSError as e:
-                raise FerSwarmError(f"cannot write events to {settings.events}: {e.strerror}") from e
-        if window:
-            cv2.namedWindow(WINDOW_TITLE, cv2.WINDOW_NORMAL)
-
-    def show(self, shown: ShownFrame) -> None:
-        if self._events is not None:
-            for record in shown.events():
-                self._events.write(json.dumps(record) + "\n")
-            self._events.flush()  # a line per face as it happens, for `tail -f` consumers
-        if not (self.window or self.settings.output is not None):
-            return
-        image = draw_faces(shown.image, shown.faces, second_label_threshold=self.settings.second_label_threshold)
-        if self.settings.output is not None:
-            self._write(image)
-        if self.window:
-            if not self._sized:  # WINDOW_NORMAL opens small; show frames at their own size until the user resizes
-                cv2.resizeWindow(WINDOW_TITLE, image.shape[1], image.shape[0])
-                self._sized = True
-            cv2.imshow(WINDOW_TITLE, image)
-            key = cv2.waitKey(1) & 0xFF
-            if key in (ord("q"), 27) or cv2.getWindowProperty(WINDOW_TITLE, cv2.WND_PROP_VISIBLE) < 1:
-                self.quit = True
-
-    def _write(self, image: np.ndarray) -> None:
-        if self._writer is None:
-            height, width = image.shape[:2]
-            path = str(self.settings.output)
-            self._writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height))
-            if not self._writer.isOpened():
-                raise FerSwarmError(f"cannot write video to {path} (mp4v); does its folder exist?")
-        self._writer.write(image)
-
-    def close(self) -> None:
-        if self._events is not None:
-            self._events.close()
-        if self._writer is not None:
-            self._writer.release()
-        if self.window:
-            cv2.destroyWindow(WINDOW_TITLE)
-            cv2.waitKey(1)  # lets HighGUI actually close the window
-
-
 class _EdgeRun:
     """The state of one run: the loop's steps as methods over its parts."""
 
     def __init__(self, settings: EdgeSettings, client: SwarmClient, pipeline: FramePipeline,
-                 detector: FaceDetector, outputs: _Outputs, stop: threading.Event, *, realtime: bool):
+                 detector: FaceDetector, outputs: Outputs, stop: threading.Event, metrics: EdgeMetrics,
+                 *, realtime: bool):
         self.settings = settings
         self.client = client
         self.pipeline = pipeline
         self.detector = detector
         self.outputs = outputs
         self.stop = stop
+        self.metrics = metrics
         self.realtime = realtime
         model = client.welcome.model  # type: ignore[union-attr]
         self.crop_size = (model.width_px, model.height_px)
@@ -216,8 +183,10 @@ class _EdgeRun:
         self.tracker = Tracker(keep_ms=settings.track_keep_ms, hold_ms=settings.track_hold_ms,
                                enabled=settings.tracking)
         self.budget = RelabelBudget(settings.relabel_ms)
-        self.crops_sent = 0
+        self.crops_sent = self.unsent = 0
+        self.faces_seen = 0
         self.tally = _Tally()
+        self._flushing = False
 
     def process(self, frame: Frame) -> None:
         """Detect, track and crop one frame's faces, send those the budget allows; hold the frame until shown."""
@@ -226,6 +195,8 @@ class _EdgeRun:
             # full display delay instead of showing it early to make room.
             while len(self.pipeline) >= self.settings.max_pending_frames:
                 self.handle(self.pipeline.seconds_until_due(time.monotonic()) or 0.0)
+        self._check_stop()  # a frame read after the stop is not processed
+        began = time.monotonic()
         t = frame.time_s
         faces = self.detector.detect(frame.bgr)[: self.settings.max_faces]
         tracks = self.tracker.update(faces, t)
@@ -241,18 +212,23 @@ class _EdgeRun:
             for start in range(0, len(ids), MAX_CROPS):  # the frame's faces in one JOB, if they fit
                 part = ids[start:start + MAX_CROPS]
                 if self.client.send_job(part, crops[start:start + MAX_CROPS], self.settings.deadline_ms):
-                    self.pipeline.sent(part, time.monotonic())
+                    now = time.monotonic()
+                    self.pipeline.sent(part, now)
+                    self.metrics.sent(part, now)
                     self.crops_sent += len(part)
                 else:
                     self.pipeline.failed(part, UNSENT, "the socket to the broker would block")
+                    self.metrics.unsent(len(part))
+                    self.unsent += len(part)
+        self.faces_seen += len(tracks)
+        self.metrics.frame(len(tracks), time.monotonic() - began)
         log.debug("frame %d: %d face(s), %d sent", frame.index, len(tracks), len(chosen))
         self.handle(0.0)
 
     def handle(self, timeout_s: float) -> None:
         """Wait up to ``timeout_s`` for replies, match them, show the frames that are due.
         Also the sources' ``wait``: time spent waiting for a frame goes to replies."""
-        if self.stop.is_set() or self.outputs.quit:
-            raise _Stopped
+        self._check_stop()
         due = self.pipeline.seconds_until_due(time.monotonic())
         if due is not None:
             timeout_s = min(timeout_s, due)
@@ -260,17 +236,20 @@ class _EdgeRun:
         now = time.monotonic()
         for reply in replies:
             self.pipeline.on_reply(reply, now)
+            self.metrics.replied(reply, now)
         self._show(self.pipeline.ready(now))
 
     def drain(self) -> None:
-        """After the last frame: give the held frames their display delay, then show them."""
-        try:
-            while len(self.pipeline):
-                self.handle(self.pipeline.seconds_until_due(time.monotonic()) or 0.0)
-        except _Stopped:
-            pass
-        self.client.poll_replies(0)
+        """After the last frame (or a stop): give the held frames their display delay to collect
+        their labels, then show them. A stop does not cut this short: it is bounded by the delay."""
+        self._flushing = True
+        while len(self.pipeline):
+            self.handle(self.pipeline.seconds_until_due(time.monotonic()) or 0.0)
         self._show(self.pipeline.flush())
+
+    def _check_stop(self) -> None:
+        if not self._flushing and (self.stop.is_set() or self.outputs.quit):
+            raise _Stopped
 
     def _show(self, frames: list[ShownFrame]) -> None:
         for shown in frames:
@@ -280,6 +259,14 @@ class _EdgeRun:
                       sum(f.answered for f in shown.faces), len(shown.faces))
 
 
+def _frame_count(source: FrameSource, max_frames: int) -> int | None:
+    """How many frames the run will read, if known: a file's frame count, capped by ``max_frames``."""
+    count = getattr(source, "frame_count", None)
+    if count is None:
+        return max_frames or None
+    return min(count, max_frames) if max_frames else count
+
+
 def run_edge(
     settings: EdgeSettings,
     *,
@@ -287,12 +274,19 @@ def run_edge(
     stop: threading.Event | None = None,
     source: FrameSource | None = None,
     detector: FaceDetector | None = None,
+    metrics: EdgeMetrics | None = None,
+    progress: Callable[[EdgeProgress], None] | None = None,
 ) -> EdgeSummary:
     """Run the edge until the source ends, ``max_frames`` frames, ``stop`` is set, or q/Esc in the window.
 
-    ``source`` and ``context`` given by the caller stay the caller's to close;
-    the ones made here from ``settings`` are closed here. Raises FerSwarmError
-    for a missing display, an unreadable source, an unwritable output, or a
+    A stop ends the reading of frames; the frames already read are still
+    given their display delay, shown and written, and the outputs closed,
+    before the summary is returned. ``metrics`` (made here if not given) is
+    served on ``settings.metrics_port`` when that is not 0; ``progress`` is
+    called after each frame. ``source`` and ``context`` given by the caller
+    stay the caller's to close; the ones made here from ``settings`` are
+    closed here. Raises FerSwarmError for a missing display, an unreadable
+    source, an unwritable output, a metrics port that cannot be bound, or a
     broker that does not announce a model within ``connect_timeout_s``.
     """
     curve = client_security(settings, settings.broker)  # key problems fail here, before any frame is read
@@ -300,6 +294,7 @@ def run_edge(
     window = window_wanted(settings)
     if window:
         _require_display()
+    metrics = metrics if metrics is not None else EdgeMetrics()
     own_source = source is None
     if source is None:
         source = open_source(camera=settings.camera, video=settings.video, images=settings.images,
@@ -307,10 +302,16 @@ def run_edge(
     ctx = context if context is not None else zmq.Context()
     stop = stop or threading.Event()
     started = time.monotonic()
+    stopped = False
+    endpoint = None
     try:
+        endpoint = serve(metrics.registry, settings.metrics_port, settings.metrics_host)
         stream = settings.stream or f"{source.kind}-{os.getpid()}"
-        outputs = _Outputs(settings, window=window, fps=source.fps)
-        client = SwarmClient(ctx, settings.broker, name=f"fer-swarm edge {stream}",
+        outputs = Outputs(settings, window=window, fps=source.fps)
+        # Jobs wait in the socket only while the broker is out of reach; a job older than the frames
+        # held for display is stale, so the queue is that deep and no deeper (past it: UNSENT).
+        hwm = max(16, 4 * settings.max_pending_frames * math.ceil(settings.max_faces / MAX_CROPS))
+        client = SwarmClient(ctx, settings.broker, name=f"fer-swarm edge {stream}", hwm=hwm,
                              connect_timeout_s=settings.connect_timeout_s, curve=curve)
         try:
             welcome = client.connect()
@@ -326,30 +327,43 @@ def run_edge(
                                  answer_weight=settings.answer_weight, switch_margin=settings.label_switch_margin)
             pipeline = FramePipeline(stream, labels, display_delay_ms=settings.display_delay_ms,
                                      max_pending_frames=settings.max_pending_frames)
-            run = _EdgeRun(settings, client, pipeline, detector, outputs, stop, realtime=realtime)
+            run = _EdgeRun(settings, client, pipeline, detector, outputs, stop, metrics, realtime=realtime)
+            total = _frame_count(source, settings.max_frames)
             started = time.monotonic()
             frames = source.frames(wait=run.handle)
             try:
                 for n, frame in enumerate(frames, start=1):
                     run.process(frame)
+                    if progress is not None:  # with max_frames, progress counts toward it
+                        position = n if settings.max_frames else frame.index + 1
+                        progress(EdgeProgress(position=position, total=total, frames=n,
+                                              faces=run.faces_seen, fps=metrics.rate.per_second()))
                     if settings.max_frames and n >= settings.max_frames:
                         break
             except _Stopped:
-                log.info("edge stopping: %s", "quit from the window" if outputs.quit else "stop requested")
+                stopped = True
+                log.info("edge stopping: %s; showing the %d frame(s) in hand",
+                         "quit from the window" if outputs.quit else "stop requested", len(pipeline))
             finally:
                 frames.close()
             run.drain()
         finally:
-            client.close()
-            outputs.close()
+            try:
+                client.close()
+            finally:
+                outputs.close()
     finally:
-        if own_source:
-            source.close()
-        if context is None:
-            ctx.term()
-    summary = run.tally.summary(time.monotonic() - started, pipeline.late_replies,
-                                tracks=run.tracker.started, crops_sent=run.crops_sent)
-    log.info("edge finished: %d frames, %d faces, %d labelled, errors %s, latency p50 %s ms p95 %s ms, %.1f fps",
-             summary.frames, summary.faces, summary.answered, summary.errors or "none",
-             summary.latency_p50_ms, summary.latency_p95_ms, summary.fps)
+        try:
+            if own_source:
+                source.close()
+            if context is None:
+                ctx.term()
+        finally:
+            if endpoint is not None:
+                endpoint.close()
+    summary = run.tally.summary(time.monotonic() - started, pipeline.late_replies, tracks=run.tracker.started,
+                                crops_sent=run.crops_sent, unsent=run.unsent, stopped=stopped)
+    log.info("edge finished: %d frames, %d faces, %d labelled, errors %s, %d crop(s) unsent, "
+             "latency p50 %s ms p95 %s ms, %.1f fps", summary.frames, summary.faces, summary.answered,
+             summary.errors or "none", summary.unsent, summary.latency_p50_ms, summary.latency_p95_ms, summary.fps)
     return summary

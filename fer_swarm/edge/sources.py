@@ -77,6 +77,7 @@ class CameraSource(_Closing):
     ``isOpened``/``read``/``release`` methods passed as ``capture``."""
 
     kind = "camera"
+    frame_count = None  # a camera has no end
 
     def __init__(self, index: int = 0, *, capture: Any = None, realtime: bool = True, clock: Clock = time.monotonic):
         self._cap = _quietly(cv2.VideoCapture, index) if capture is None else capture
@@ -168,6 +169,8 @@ class VideoSource(_Closing):
             raise FerSwarmError(f"cannot read video {self.path}: not a video format OpenCV can decode")
         fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0)
         self.fps = fps if 0 < fps < 1000 else None
+        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.frame_count = count if count > 0 else None  # from the container's header: an estimate for some formats
         if realtime and self.fps is None:
             log.warning("%s: frame rate unknown; reading every frame as fast as it is consumed", self.path)
         self.realtime = realtime and self.fps is not None
@@ -217,6 +220,7 @@ class ImageFolderSource(_Closing):
         self.files = sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise FerSwarmError(f"no images in {self.folder} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.frame_count = len(self.files)
         self._clock = clock
         self.unreadable: list[Path] = []
 
