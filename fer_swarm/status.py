@@ -21,6 +21,7 @@ from . import protocol as p
 from . import security
 from .config import StatusSettings
 from .errors import FerSwarmError, ProtocolError, TransportError
+from .linkwatch import LinkWatch, foreign_version
 
 
 class StatusClient:
@@ -36,6 +37,8 @@ class StatusClient:
         self.sock.linger = 0
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_REPORT_BYTES + p.MAX_HEADER_BYTES)
         self.sock.identity = f"status/{uuid.uuid4().hex[:8]}".encode()
+        # The handshake's failures (key refused, wrong broker key, no encryption) are told by the monitor.
+        self.watch = LinkWatch(self.sock, self.endpoint, role="client", curve=curve)
         try:
             if curve:
                 security.make_client(self.sock, *curve)
@@ -47,12 +50,24 @@ class StatusClient:
     def fetch(self) -> dict[str, Any]:
         """One status report; TransportError when no answer comes within the timeout."""
         self.sock.send_multipart(p.encode(p.Status()))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.watch.monitor, zmq.POLLIN)
         deadline = time.monotonic() + self.settings.timeout_s
         while (left := deadline - time.monotonic()) > 0:
-            if not self.sock.poll(int(left * 1000) + 1):
-                break
+            events = dict(poller.poll(int(left * 1000) + 1))
+            if self.watch.monitor in events:
+                self.watch.update()
+                if self.watch.failure:
+                    raise TransportError(self.watch.failure)
+            if self.sock not in events:
+                continue
+            frames = self.sock.recv_multipart()
+            if (other := foreign_version(frames)) is not None:
+                raise TransportError(f"the broker at {self.endpoint} speaks {other}, this tool "
+                                     f"{p.PROTOCOL_TAG.decode()}: install the same fer-swarm version on both")
             try:
-                msg = p.decode(self.sock.recv_multipart())
+                msg = p.decode(frames)
             except ProtocolError as e:
                 raise TransportError(f"the broker at {self.endpoint} answered with a message this tool cannot "
                                      f"read: {e}") from None
@@ -63,12 +78,10 @@ class StatusClient:
                     raise TransportError(f"the broker's report is not a JSON object: {e}") from None
             if isinstance(msg, p.Error):  # e.g. a broker of another protocol version
                 raise TransportError(f"the broker at {self.endpoint} refused the request: {msg.reason}")
-        raise TransportError(
-            f"no answer from a broker at {self.endpoint} within {self.settings.timeout_s:g} s "
-            "(is `fer-swarm broker` running there, is this its frontend address, and if it encrypts, "
-            "are --secret-key and --broker-key given?)")
+        raise TransportError(self.watch.explain_silence(self.settings.timeout_s))
 
     def close(self) -> None:
+        self.watch.close()
         self.sock.close(0)
         if self._own_context:
             self.ctx.term()

@@ -94,7 +94,7 @@ def test_status_command_check_and_json_for_probes():
             broker.stop()
     nobody = f"tcp://127.0.0.1:{free_port()}"
     res = _cli("status", "--broker", nobody, "--check", "--timeout-s", "1")
-    assert res.returncode == 1 and "no answer" in res.stdout
+    assert res.returncode == 1 and "no broker answered" in res.stdout and "nothing accepted a connection" in res.stdout
 
 
 def _scrape(port: int) -> dict[str, float]:

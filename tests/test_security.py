@@ -282,3 +282,28 @@ def test_the_broker_logs_a_refused_key_with_its_fingerprint_and_the_folder(keys,
     assert allow.callback("workers", security.load_public(keys / "all" / "pi-1.key"))
     [record] = [r for r in caplog.records if "refused" in r.getMessage()]  # once while recent
     assert security.fingerprint(stranger) in record.getMessage() and str(keys / "workers") in record.getMessage()
+
+
+@pytest.mark.parametrize("who, broker_key, expect", [
+    ("headset", "broker", None),
+    ("stranger", "broker", "refused this client's key"),
+    ("headset", "stranger", "probably not this broker's"),
+])
+def test_status_says_which_key_problem_it_is(keys, who, broker_key, expect):
+    from fer_swarm.config import StatusSettings
+    from fer_swarm.errors import TransportError
+    from fer_swarm.status import StatusClient
+
+    with zmq_context() as ctx:
+        b = secure_broker(ctx, keys)
+        try:
+            settings = StatusSettings(broker=b.frontend, timeout_s=20, secret_key=keys / "all" / f"{who}.key_secret",
+                                      broker_key=keys / "all" / f"{broker_key}.key")
+            with StatusClient(settings, ctx) as client:
+                if expect is None:
+                    assert client.fetch()["workers"] == []
+                else:
+                    with pytest.raises(TransportError, match=expect):
+                        client.fetch()
+        finally:
+            b.stop()

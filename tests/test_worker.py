@@ -188,8 +188,8 @@ def test_no_broker_at_the_address_is_said_so_and_the_worker_joins_when_one_comes
         worker.stop()
 
 
-def test_jobs_beyond_four_per_credit_are_answered_busy_not_held(ctx):
-    """Memory is bounded by jobs in hand, whatever a broker sends: capacity 1 holds at most 4."""
+def test_jobs_beyond_two_per_credit_are_answered_busy_not_held(ctx):
+    """Memory is bounded by jobs in hand, whatever a broker sends: capacity 1 holds at most 2."""
     from .swarm import WorkerThread
 
     broker = FakeBroker(ctx)
@@ -198,9 +198,9 @@ def test_jobs_beyond_four_per_credit_are_answered_busy_not_held(ctx):
         assert isinstance(broker.recv(STARTUP_S), p.Ready)
         for n in range(10):
             broker.job(n)
-        busy = [broker.recv(30) for _ in range(6)]
+        busy = [broker.recv(30) for _ in range(8)]
         assert all(isinstance(b, p.Busy) and "queue is full" in b.reason for b in busy), busy
-        assert {b.job for b in busy} == set(range(4, 10)) and worker.worker.in_hand == 4
+        assert {b.job for b in busy} == set(range(2, 10)) and worker.worker.in_hand == 2
     finally:
         worker.stop()
 

@@ -21,12 +21,18 @@ left for the broker to re-dispatch or expire.
 Bounded memory. The socket sets ``ZMQ_IMMEDIATE`` (nothing is queued for a
 broker that is not connected: such a reply is dropped and logged),
 ``ZMQ_MAXMSGSIZE`` = ``max_message_bytes`` per frame, and high-water marks of
-``4 x capacity + 16`` messages each way. With at most ``4 x capacity`` jobs in
-hand (more are answered BUSY), a worker holds at most ``8 x capacity + 16``
-JOBs, each of at most 16 crops of at most ``max_message_bytes``, from a broker
-that follows the protocol: at capacity 2 and the default 64 KiB, 32 JOBs, 32 MiB
-in the very worst case and 1.2 MiB for 16-face JOBs of 48x48 crops (libzmq
-cannot cap the frame count of one message; see docs/security.md).
+``2 x capacity + 16`` messages each way. With at most ``2 x capacity`` jobs in
+hand (more are answered BUSY; a broker that follows the protocol sends at most
+``capacity``), a worker holds at most ``4 x capacity + 16`` JOBs, each of at
+most 16 crops of at most ``max_message_bytes``: at the default capacity of 8
+per thread, one thread and 64 KiB, 48 JOBs, 48 MiB in the very worst case and
+1.8 MiB for 16-face JOBs of 48x48 crops (libzmq cannot cap the frame count of
+one message; see docs/security.md).
+
+Capacity. The worker announces its threads and a capacity of 8 JOBs per
+thread unless told otherwise; the broker gives it only as many as its link
+needs (two per thread on a LAN, more across a slow link: docs/protocol.md,
+READY), so the spare capacity is room for a slow link, not a queue.
 
 A malformed job is answered ERROR (with its id when it can be read) and the
 worker carries on. Workers write nothing to disk.
@@ -55,7 +61,8 @@ from .metrics import WorkerMetrics
 log = logging.getLogger(__name__)
 
 # Jobs in hand per announced credit, and extra messages (heartbeats, DISCONNECT) in a socket's queue.
-IN_HAND_PER_CREDIT = 4
+IN_HAND_PER_CREDIT = 2
+JOBS_PER_THREAD = 8  # default capacity: a link's round trip of up to ~7 JOBs' service time stays covered
 SPARE_MESSAGES = 16
 # How long closing a socket may wait to deliver the last replies and DISCONNECT.
 CLOSE_LINGER_MS = 1000
@@ -71,7 +78,7 @@ class Worker:
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
         self.model_path = settings.model or DEFAULT_MODEL
         self.card = load_card(self.model_path)
-        self.capacity = settings.capacity or 2 * settings.threads
+        self.capacity = min(1024, settings.capacity or JOBS_PER_THREAD * settings.threads)
         self.max_in_hand = IN_HAND_PER_CREDIT * self.capacity
         self.metrics = WorkerMetrics(self.name, self.card.model_id, settings.threads)
         self._results_endpoint = f"inproc://worker-results-{uuid.uuid4().hex}"
@@ -137,7 +144,9 @@ class Worker:
 
     def _register(self) -> bool:
         """Send READY; False if the socket would not take it now."""
-        if not self._send(p.Ready(worker=self.name, capacity=self.capacity, model=self.model_info)):
+        ready = p.Ready(worker=self.name, capacity=self.capacity, threads=min(self.settings.threads, self.capacity),
+                        model=self.model_info)
+        if not self._send(ready):
             return False
         self.registrations += 1
         self.metrics.registrations.inc()
