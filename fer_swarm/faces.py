@@ -34,13 +34,14 @@ import numpy as np
 
 from .errors import FerSwarmError
 from .framing import Framing
+from .shipped import shipped
 
 __all__ = [
     "Box", "Face", "FaceDetector", "HaarDetector", "YuNetDetector", "YUNET_MODEL",
     "make_detector", "to_gray", "crop_square", "crop_face",
 ]
 
-YUNET_MODEL = Path(__file__).resolve().parent.parent / "models" / "face_detection_yunet_2023mar.onnx"
+YUNET_MODEL = shipped("face_detection_yunet_2023mar.onnx")
 
 Point = tuple[float, float]
 

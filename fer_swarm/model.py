@@ -22,9 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ModelError
 from .framing import DEFAULT_FRAMINGS, Framing
+from .shipped import shipped
 
 SIDECAR_FORMAT = "fer-swarm-model/1"
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-vgg.tflite"
+DEFAULT_MODEL = shipped("fer-vgg.tflite")
 
 
 class Preprocessing(BaseModel):
