@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -14,16 +13,14 @@ from fer_swarm.samples import ASTRONAUT_FACE, read_clip, sample_clip, sample_fac
 
 @pytest.fixture(scope="module")
 def default_clip(tmp_path_factory):
-    started = time.monotonic()
-    path = sample_clip(tmp_path_factory.mktemp("clip") / "sample.mp4")
-    return path, time.monotonic() - started
+    return sample_clip(tmp_path_factory.mktemp("clip") / "sample.mp4")
 
 
 @pytest.mark.parametrize("detector", [HaarDetector, YuNetDetector])
 def test_default_clip_has_its_frames_size_and_two_faces_nearly_everywhere(default_clip, detector):
-    path, seconds = default_clip
+    path = default_clip
     assert path.is_file() and path.suffix == ".mp4"
-    assert seconds < 4  # the brief asks < 2 s; allow for the training job sharing the CPU
+    # How long making the clip takes is the demo's figure to watch, not a test's to assert (issue 13.7).
     frames = read_clip(path)
     assert len(frames) == 90
     assert all(f.shape == (480, 640, 3) for f in frames)
@@ -34,7 +31,7 @@ def test_default_clip_has_its_frames_size_and_two_faces_nearly_everywhere(defaul
 
 
 def test_faces_move_and_face_zero_is_the_largest(default_clip):
-    path, _ = default_clip
+    path = default_clip
     frames = read_clip(path)
     detector = HaarDetector()
     first, last = [f.box for f in detector.detect(frames[0])], [f.box for f in detector.detect(frames[45])]
