@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import config as config_mod
+from . import logs
 from .errors import ConfigError, FerSwarmError
 
 app = typer.Typer(
@@ -135,13 +136,18 @@ def _print_version(asked: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v: DEBUG)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="More log output: -v fer-swarm's DEBUG records, -vv the libraries' too."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Only warnings and errors in the log, the model runtime's banners hidden."),
+    log_format: logs.LogFormat = typer.Option(
+        logs.LogFormat.text, "--log-format", case_sensitive=False,
+        help="text: human-readable lines (time, level, logger, message); json: one JSON object per line "
+             "(ts in UTC, level, logger, message, exception, extra fields), for services and journald."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and the wire protocol it speaks, and exit."),
 ) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    logs.setup(verbose=verbose, quiet=quiet, fmt=log_format, console=err)
 
 
 def _default_model() -> Path:
