@@ -150,6 +150,16 @@ def main(
     logs.setup(verbose=verbose, quiet=quiet, fmt=log_format, console=err)
 
 
+def _progress(*columns):
+    """A rich progress display on stderr while a long command works, shown only when stderr is a terminal:
+    nothing in pipes, files or service logs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = columns or (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn())
+    return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
+
+
 def _default_model() -> Path:
     from .model import DEFAULT_MODEL
 
@@ -231,9 +241,16 @@ def eval_(
     """Score models on DATA_DIR with the workers' runtime (LiteRT, one thread): accuracy, macro-F1,
     per-class precision and recall, confusion matrix, milliseconds per face, and what each model costs
     (MMAC per face counted from its graph, parameters, file size)."""
+    from . import charts
     from .tools.evaluate import evaluate, plot_confusion
 
-    evs = evaluate(data_dir, model or [_default_model()])
+    if plot:
+        charts.require()  # before minutes of scoring, not after
+    models = model or [_default_model()]
+    with _progress() as progress:
+        task = progress.add_task(f"scoring faces on {len(models)} model(s)", total=None)
+        evs = evaluate(data_dir, models, progress=lambda done, total: progress.update(task, completed=done,
+                                                                                        total=total))
     for ev in evs:
         if plot:
             path = plot if len(evs) == 1 else plot.with_name(f"{plot.stem}-{ev.model.stem}{plot.suffix}")
@@ -471,7 +488,7 @@ def demo(
 @friendly_errors
 def bench(
     quick: bool = typer.Option(False, "--quick", help="A smoke run of seconds: one point per configuration, short windows."),
-    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.png and the edge clips."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.png (with the plot extra: matplotlib) and the edge clips."),
     configs: str = typer.Option("abcde", help="Which configurations to run (letters, see docs/performance.md)."),
     edge: bool = typer.Option(True, "--edge/--no-edge", help="Also measure the edge pipeline's frames per second."),
     window_s: float = typer.Option(1.0, min=0.1, help="Seconds per measurement window."),
@@ -528,16 +545,30 @@ def bench(
         table.add_row(m.point.name, f"{m.throughput_per_s:.0f}", fmt(m.p50_ms), fmt(m.p90_ms), fmt(m.p99_ms),
                       str(m.expired), str(m.busy), str(m.errors), "yes" if m.settled else "NO")
 
-    report = suite.run(opts, progress)
+    measure_edge = edge and custom is None
+    with _progress() as bar:
+        task = bar.add_task("bench", total=suite.planned(opts) + measure_edge)
+
+        def starting(point) -> None:
+            bar.update(task, description=point.name)
+
+        def measured(m) -> None:
+            progress(m)
+            bar.advance(task)
+
+        report = suite.run(opts, measured, starting)
+        result = report.to_dict()
+        if measure_edge:
+            from .bench.edgefps import measure
+
+            bar.update(task, description="edge pipeline, frames per second")
+            result["edge"] = measure(out_dir / "edge", frames=60 if quick else 150)
+            bar.advance(task)
     Console(width=max(console.width, 140)).print(table)  # a table of figures is unreadable wrapped at 80
     for t in report.targets:
         verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: ""}[t["met"]]
         console.print(f"{t['target']}: {t['measured']} (goal {t['goal']}) {verdict}")
-    result = report.to_dict()
-    if edge and custom is None:
-        from .bench.edgefps import measure
-
-        result["edge"] = measure(out_dir / "edge", frames=60 if quick else 150)
+    if measure_edge:
         for name, e in result["edge"].items():
             if not isinstance(e, dict):
                 continue
@@ -545,7 +576,7 @@ def bench(
                           + ", ".join(f"{k} {v}" for k, v in e["stages_ms"].items()), highlight=False)
     json_path, png_path = suite.write(report, out_dir)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"figures: {json_path}, plot: {png_path}")
+    console.print(f"figures: {json_path}" + (f", chart: {png_path}" if png_path else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover
