@@ -22,7 +22,6 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
-from pydantic_settings.sources.utils import parse_env_vars
 
 from .errors import ConfigError
 
@@ -169,14 +168,15 @@ def env_prefix(program: str) -> str:
 
 
 class _EnvironSource(EnvSettingsSource):
-    """pydantic-settings' environment source, reading a given mapping instead of ``os.environ``."""
+    """pydantic-settings' environment source, reading a given mapping instead of ``os.environ``
+    (names in any case, empty values unset, as Settings.model_config asks)."""
 
     def __init__(self, settings_cls: type[Settings], environ: Mapping[str, str], **kwargs: Any):
         self._environ = environ
         super().__init__(settings_cls, **kwargs)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+        return {name.lower(): value for name, value in self._environ.items() if value != ""}
 
 
 def read_toml(model: type[Settings], path: Path) -> dict[str, Any]:
