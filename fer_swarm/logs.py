@@ -143,20 +143,47 @@ def native_output(logger: str = "tflite") -> Iterator[None]:
     redirection is process-wide, so blocks are taken one at a time.
     """
     with _native_lock:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        with tempfile.TemporaryFile() as tmp:
-            os.dup2(tmp.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stderr.flush()
-                os.dup2(saved, 2)
+        _flush_stderr()
+        scratch = _scratch_file()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all (closed by a daemon manager): nothing to keep clean
+            saved = None
+        if scratch is None or saved is None:
+            if scratch is not None:
+                scratch.close()
+            if saved is not None:
                 os.close(saved)
-                tmp.seek(0)
-                captured = tmp.read()
-    if captured:
-        _replay(captured, logging.getLogger(logger))
+            yield
+            return
+        os.dup2(scratch.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_stderr()
+            os.dup2(saved, 2)
+            os.close(saved)
+            with scratch:
+                scratch.seek(0)
+                _replay(scratch.read(), logging.getLogger(logger))  # also when the block raised: its why
+
+
+def _scratch_file():
+    """An anonymous file for what native code writes: in memory where Linux allows (a service may have
+    no writable /tmp), else a temporary file; None if neither can be had."""
+    try:
+        return os.fdopen(os.memfd_create("fer-swarm-stderr"), "w+b")
+    except (AttributeError, OSError):
+        pass
+    try:
+        return tempfile.TemporaryFile()
+    except OSError:
+        return None
+
+
+def _flush_stderr() -> None:
+    if sys.stderr is not None:
+        sys.stderr.flush()
 
 
 def _replay(captured: bytes, log: logging.Logger) -> None:
@@ -167,6 +194,6 @@ def _replay(captured: bytes, log: logging.Logger) -> None:
             raw.append(line + "\n")
         else:
             log.log(_LEVELS[m["name"] or m["letter"]], "%s", m["msg"] if m["name"] else m["amsg"])
-    if raw:
+    if raw and sys.stderr is not None:
         sys.stderr.write("".join(raw))
         sys.stderr.flush()

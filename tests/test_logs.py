@@ -77,6 +77,20 @@ def test_native_output_becomes_records_and_keeps_other_lines(capsys, restore_log
     assert capsys.readouterr().err == "some other line\n"
 
 
+def test_native_output_keeps_the_runtime_s_reason_when_loading_fails(restore_logging, caplog):
+    import os
+
+    caplog.set_level(logging.INFO, logger="tflite")
+    before = os.fstat(2)
+    with pytest.raises(ValueError), logs.native_output():
+        os.write(2, b"ERROR: Didn't find op for builtin opcode 'X'\n")
+        raise ValueError("the runtime cannot load this model")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "Didn't find op for builtin opcode 'X'")]
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)  # stderr is stderr again
+
+
 def test_quiet_eval_hides_the_runtime_banner(faces, shipped_model):
     loud = run_cli("eval", str(faces), "--model", str(shipped_model), timeout=120)
     assert loud.returncode == 0, loud.stderr
