@@ -150,14 +150,13 @@ def main(
     logs.setup(verbose=verbose, quiet=quiet, fmt=log_format, console=err)
 
 
-def _progress(*columns):
+def _progress():
     """A rich progress display on stderr while a long command works, shown only when stderr is a terminal:
     nothing in pipes, files or service logs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    columns = columns or (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn())
-    return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
 def _default_model() -> Path:
