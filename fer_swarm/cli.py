@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import config as config_mod
+from . import logs
 from .errors import ConfigError, FerSwarmError
 
 app = typer.Typer(
@@ -138,13 +139,27 @@ def _print_version(asked: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v: DEBUG)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors in the log."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="More log output: -v fer-swarm's DEBUG records, -vv the libraries' too."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="Only warnings and errors in the log, the model runtime's banners hidden."),
+    log_format: logs.LogFormat = typer.Option(
+        logs.LogFormat.text, "--log-format", case_sensitive=False,
+        help="text: human-readable lines (time, level, logger, message); json: one JSON object per line "
+             "(ts in UTC, level, logger, message, exception, extra fields), for services and journald."),
     version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
                                  help="Print the version and the wire protocol it speaks, and exit."),
 ) -> None:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    logs.setup(verbose=verbose, quiet=quiet, fmt=log_format, console=err)
+
+
+def _progress():
+    """A rich progress display on stderr while a long command works, shown only when stderr is a terminal:
+    nothing in pipes, files or service logs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal)
 
 
 def _default_model() -> Path:
@@ -222,15 +237,22 @@ def train(
 def eval_(
     data_dir: Path = typer.Argument(..., help="Labelled images, one subfolder per class, class names as in the model's labels."),
     model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) (default: the shipped model). Repeat to score several side by side on the same faces; times are given as a ratio to the first."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the confusion matrix as a PNG here (with several models: one per model, named PLOT-STEM-MODEL-NAME.png)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the confusion matrix as a PNG heat map here (with several models: one per model, named PLOT-STEM-MODEL-NAME.png). Needs matplotlib: pip install 'fer-swarm\\[plot]'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per model, one per line, instead of tables."),
 ) -> None:
     """Score models on DATA_DIR with the workers' runtime (LiteRT, one thread): accuracy, macro-F1,
     per-class precision and recall, confusion matrix, milliseconds per face, and what each model costs
     (MMAC per face counted from its graph, parameters, file size)."""
+    from . import charts
     from .tools.evaluate import evaluate, plot_confusion
 
-    evs = evaluate(data_dir, model or [_default_model()])
+    if plot:
+        charts.require()  # before minutes of scoring, not after
+    models = model or [_default_model()]
+    with _progress() as progress:
+        task = progress.add_task(f"scoring faces on {len(models)} model(s)", total=None)
+        evs = evaluate(data_dir, models, progress=lambda done, total: progress.update(task, completed=done,
+                                                                                        total=total))
     for ev in evs:
         if plot:
             path = plot if len(evs) == 1 else plot.with_name(f"{plot.stem}-{ev.model.stem}{plot.suffix}")
@@ -577,7 +599,7 @@ def demo(
 @friendly_errors
 def bench(
     quick: bool = typer.Option(False, "--quick", help="A smoke run of seconds: one point per configuration, short windows."),
-    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.png and the edge clips."),
+    out_dir: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.json, bench.png (with the plot extra: matplotlib) and the edge clips."),
     configs: str = typer.Option("abcde", help="Which configurations to run (letters, see docs/performance.md)."),
     edge: bool = typer.Option(True, "--edge/--no-edge", help="Also measure the edge pipeline's frames per second."),
     window_s: float = typer.Option(1.0, min=0.1, help="Seconds per measurement window."),
@@ -634,16 +656,30 @@ def bench(
         table.add_row(m.point.name, f"{m.throughput_per_s:.0f}", fmt(m.p50_ms), fmt(m.p90_ms), fmt(m.p99_ms),
                       str(m.expired), str(m.busy), str(m.errors), "yes" if m.settled else "NO")
 
-    report = suite.run(opts, progress)
+    measure_edge = edge and custom is None
+    with _progress() as bar:
+        task = bar.add_task("bench", total=suite.planned(opts) + measure_edge)
+
+        def starting(point) -> None:
+            bar.update(task, description=point.name)
+
+        def measured(m) -> None:
+            progress(m)
+            bar.advance(task)
+
+        report = suite.run(opts, measured, starting)
+        result = report.to_dict()
+        if measure_edge:
+            from .bench.edgefps import measure
+
+            bar.update(task, description="edge pipeline, frames per second")
+            result["edge"] = measure(out_dir / "edge", frames=60 if quick else 150)
+            bar.advance(task)
     Console(width=max(console.width, 140)).print(table)  # a table of figures is unreadable wrapped at 80
     for t in report.targets:
         verdict = {True: "[green]met[/]", False: "[red]not met[/]", None: ""}[t["met"]]
         console.print(f"{t['target']}: {t['measured']} (goal {t['goal']}) {verdict}")
-    result = report.to_dict()
-    if edge and custom is None:
-        from .bench.edgefps import measure
-
-        result["edge"] = measure(out_dir / "edge", frames=60 if quick else 150)
+    if measure_edge:
         for name, e in result["edge"].items():
             if not isinstance(e, dict):
                 continue
@@ -651,7 +687,7 @@ def bench(
                           + ", ".join(f"{k} {v}" for k, v in e["stages_ms"].items()), highlight=False)
     json_path, png_path = suite.write(report, out_dir)
     json_path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"figures: {json_path}, plot: {png_path}")
+    console.print(f"figures: {json_path}" + (f", chart: {png_path}" if png_path else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover

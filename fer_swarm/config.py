@@ -3,8 +3,10 @@
 One pydantic model per program is the single description of its settings:
 the TOML file (``configs/NAME.toml``), the environment (``FER_SWARM_NAME_KEY``)
 and the command-line flags (``--key``) are all read into it, with precedence
-flag > environment > file > default. Every field has a description and a unit
-in its name, and that text is the flag's ``--help``.
+flag > environment > file > default. The file and the environment are read by
+pydantic-settings' sources (``TomlConfigSettingsSource``, ``EnvSettingsSource``).
+Every field has a description and a unit in its name, and that text is the
+flag's ``--help``.
 
 Unknown keys are errors, not silently ignored: a misspelt ``theads = 4`` in a
 file or ``FER_SWARM_WORKER_THEADS`` in the environment would otherwise leave
@@ -18,17 +20,28 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from .errors import ConfigError
 
 ENV_PREFIX = "FER_SWARM_"
 
 
-class Settings(BaseModel):
-    """Base of every program's settings: frozen, strict about unknown keys."""
+class Settings(BaseSettings):
+    """Base of every program's settings: frozen, strict about unknown keys.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    Settings built in code (``WorkerSettings(threads=2)``) are exactly what
+    they are given: the file and the environment are read by :func:`load`
+    alone, so a test or the demo is not changed by a variable left in the shell.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", case_sensitive=False, env_ignore_empty=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return (init_settings,)
 
 
 class BrokerSettings(Settings):
@@ -165,19 +178,46 @@ def env_prefix(program: str) -> str:
     return f"{ENV_PREFIX}{program.upper()}_"
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+class _EnvironSource(EnvSettingsSource):
+    """pydantic-settings' environment source, reading a given mapping instead of ``os.environ``
+    (names in any case, empty values unset, as Settings.model_config asks)."""
+
+    def __init__(self, settings_cls: type[Settings], environ: Mapping[str, str], **kwargs: Any):
+        self._environ = environ
+        super().__init__(settings_cls, **kwargs)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {name.lower(): value for name, value in self._environ.items() if value != ""}
+
+
+def read_toml(model: type[Settings], path: Path) -> dict[str, Any]:
+    """The keys of a TOML settings file, as written (unknown ones included, for :func:`load` to name)."""
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file")
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        return TomlConfigSettingsSource(model, toml_file=path)()
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
 
 
-def from_env(program: str, environ: Mapping[str, str]) -> dict[str, str]:
+def from_env(program: str, environ: Mapping[str, str]) -> dict[str, Any]:
+    """``program``'s settings in the environment (``FER_SWARM_PROGRAM_KEY``, any case; empty ones unset).
+
+    A variable with the program's prefix that names no setting is an error, not
+    ignored: pydantic-settings skips it, and the operator would run the default
+    while believing otherwise.
+    """
+    model = PROGRAMS[program]
     prefix = env_prefix(program)
-    return {k[len(prefix):].lower(): v for k, v in environ.items() if k.startswith(prefix) and v != ""}
+    for name, value in environ.items():
+        key = name[len(prefix):].lower()
+        if name.upper().startswith(prefix) and value != "" and key not in model.model_fields:
+            raise ConfigError(f"environment: unknown {program} setting {name}")
+    return _EnvironSource(model, environ, env_prefix=prefix)()
 
 
 def load(
@@ -187,13 +227,17 @@ def load(
     flags: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Merge default < file < environment < flags into ``program``'s settings, or raise ConfigError
-    naming the key, where it came from, and what is wrong."""
+    """Read ``program``'s settings with precedence flag > environment > file > default, or raise
+    ConfigError naming the key, where it came from, and what is wrong.
+
+    The file and the environment are read by pydantic-settings' sources; the
+    merge stays here so that a bad value can be traced to the source that set it.
+    """
     model = PROGRAMS[program]
     environ = os.environ if environ is None else environ
-    sources: list[tuple[str, dict[str, Any]]] = []
+    sources: list[tuple[str, Mapping[str, Any]]] = []  # lowest precedence first
     if config_file is not None:
-        sources.append((str(config_file), read_toml(config_file)))
+        sources.append((str(config_file), read_toml(model, config_file)))
     sources.append(("environment", from_env(program, environ)))
     sources.append(("command line", {k: v for k, v in (flags or {}).items() if v is not None}))
     merged: dict[str, Any] = {}
@@ -213,13 +257,14 @@ def load(
             raise ConfigError(f"{program} settings: {msg}") from None
         key = str(first["loc"][0])
         where = origin.get(key, "settings")
-        raise ConfigError(f"{where}: {_spell(program, key, where)}: {msg}") from None
+        raise ConfigError(f"{where}: {_spell(program, key, where, environ)}: {msg}") from None
 
 
-def _spell(program: str, key: str, where: str) -> str:
+def _spell(program: str, key: str, where: str, environ: Mapping[str, str] | None = None) -> str:
     """A key as the user wrote it in that source."""
     if where == "environment":
-        return env_prefix(program) + key.upper()
+        wanted = env_prefix(program) + key.upper()
+        return next((name for name in environ or {} if name.upper() == wanted), wanted)
     if where == "command line":
         return "--" + key.replace("_", "-")
     return repr(key)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ModelError
 from .framing import DEFAULT_FRAMINGS, Framing
+from .logs import native_output
 from .shipped import shipped
 
 SIDECAR_FORMAT = "fer-swarm-model/1"
@@ -121,8 +122,9 @@ class Classifier:
         self.path = Path(model_path)
         self.card = card or load_card(self.path)
         try:
-            self._interp = _interpreter_class()(model_path=str(self.path), num_threads=threads)
-            self._interp.allocate_tensors()
+            with native_output():  # LiteRT's INFO banner becomes a log record (hidden by -q)
+                self._interp = _interpreter_class()(model_path=str(self.path), num_threads=threads)
+                self._interp.allocate_tensors()
         except ValueError as e:
             raise ModelError(f"{self.path}: the runtime cannot load this model: {e}") from e
         inp = self._interp.get_input_details()[0]

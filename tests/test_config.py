@@ -51,6 +51,32 @@ def test_bad_settings_name_the_key_and_source(tmp_path, kwargs, needle):
         config.load("worker", **kwargs)
 
 
+def test_environment_and_file_keep_the_spelling_the_user_wrote(tmp_path):
+    with pytest.raises(ConfigError, match="environment: fer_swarm_worker_liveness: "):
+        config.load("worker", environ={"fer_swarm_worker_liveness": "0"})
+    with pytest.raises(ConfigError, match="environment: unknown worker setting Fer_Swarm_Worker_Theads$"):
+        config.load("worker", environ={"Fer_Swarm_Worker_Theads": "2"})
+    # Another program's variables, empty ones and unrelated ones are not this program's business.
+    env = {"FER_SWARM_BROKER_MAX_QUEUE": "x", "FER_SWARM_WORKER_THREADS": "", "PATH": "/bin"}
+    assert config.load("worker", environ=env) == config.WorkerSettings()
+    f = tmp_path / "w.toml"
+    f.write_text("[worker]\nthreads = 2\n")  # a table is not how the file is laid out
+    with pytest.raises(ConfigError, match=f"{f}: unknown worker setting 'worker'"):
+        config.load("worker", config_file=f, environ={})
+
+
+def test_a_folder_or_unreadable_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="not a file"):
+        config.load("worker", config_file=tmp_path, environ={})
+
+
+def test_settings_built_in_code_ignore_the_environment(monkeypatch):
+    """Only load() reads the environment: a variable left in the shell must not change a test or the demo."""
+    monkeypatch.setenv("FER_SWARM_WORKER_THREADS", "3")
+    assert config.WorkerSettings().threads == 1
+    assert config.load("worker").threads == 3  # os.environ when none is given
+
+
 def test_edge_takes_one_source():
     with pytest.raises(ConfigError, match="one source"):
         config.load("edge", flags={"camera": "0", "video": "x.mp4"}, environ={})

@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import cv2
-import numpy as np
-
+from .. import charts
 from .runner import Measured, Point, run_point
 
 log = logging.getLogger(__name__)
@@ -57,10 +55,24 @@ class Report:
         return {"points": [m.to_dict() for m in self.points], "targets": self.targets}
 
 
-def run(opts: BenchOptions, progress: Callable[[Measured], None] = lambda m: None) -> Report:
+def planned(opts: BenchOptions) -> int:
+    """How many points :func:`run` measures with ``opts`` (for a progress bar; keep in step with run)."""
+    if opts.custom is not None:
+        return 1
+    want, quick = set(opts.configs), opts.quick
+    return (("a" in want) * (1 if quick else 2) + ("b" in want)
+            + ("c" in want) * (1 if quick else 4 + (opts.faces_per_job != 1))
+            + ("d" in want) + ("e" in want) * (len(opts.sim_workers) + 1))
+
+
+def run(opts: BenchOptions, progress: Callable[[Measured], None] = lambda m: None,
+        starting: Callable[[Point], None] = lambda p: None) -> Report:
+    """Measure the configurations ``opts`` asks for, one point at a time: ``starting(point)`` before each,
+    ``progress(measured)`` after."""
     report = Report()
 
     def measure(point: Point) -> Measured:
+        starting(point)
         m = run_point(point, window_s=opts.window_s, max_windows=opts.max_windows)
         report.points.append(m)
         progress(m)
@@ -140,44 +152,53 @@ def targets(report: Report, opts: BenchOptions) -> list[dict]:
     return out
 
 
-def write(report: Report, out_dir: Path) -> tuple[Path, Path]:
+def write(report: Report, out_dir: Path) -> tuple[Path, Path | None]:
+    """Write bench.json and, when matplotlib (the ``plot`` extra) is installed, bench.png; the PNG's path
+    or None."""
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "bench.json", out_dir / "bench.png"
     json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    plot(report, png_path)
+    try:
+        plot(report, png_path)
+    except charts.ChartsUnavailable as e:
+        png_path.unlink(missing_ok=True)  # an older run's chart beside these figures would mislead
+        log.warning("no %s drawn: %s", png_path.name, e)
+        return json_path, None
     return json_path, png_path
 
 
-COLORS = {"custom": (0, 0, 0), "a": (60, 60, 60), "b": (40, 40, 200), "c": (200, 120, 30), "d": (40, 160, 40), "e": (160, 40, 160)}
+COLORS = {"custom": "black", "a": "tab:gray", "b": "tab:red", "c": "tab:blue", "d": "tab:green", "e": "tab:purple"}
 
 
-def plot(report: Report, path: Path) -> None:
-    """Throughput (x, log) against p99 latency (y, log), one dot per point, coloured by configuration."""
-    pts = [m for m in report.points if m.p99_ms and m.throughput_per_s > 0]
-    w, h, left, bottom, top, legend = 1100, 640, 80, 60, 30, 400
-    img = np.full((h, w, 3), 255, np.uint8)
-    if not pts:
-        cv2.imwrite(str(path), img)
-        return
-    xs = np.log10([m.throughput_per_s for m in pts])
-    ys = np.log10([m.p99_ms for m in pts])
-    x0, x1 = np.floor(xs.min()), np.ceil(xs.max() + 0.01)
-    y0, y1 = np.floor(ys.min()), np.ceil(ys.max() + 0.01)
-    px = lambda v: int(left + (v - x0) / (x1 - x0) * (w - left - legend))  # noqa: E731
-    py = lambda v: int(h - bottom - (v - y0) / (y1 - y0) * (h - bottom - top))  # noqa: E731
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    for e in range(int(x0), int(x1) + 1):
-        cv2.line(img, (px(e), top), (px(e), h - bottom), (225, 225, 225), 1)
-        cv2.putText(img, f"{10 ** e:g}", (px(e) - 12, h - bottom + 20), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    for e in range(int(y0), int(y1) + 1):
-        cv2.line(img, (left, py(e)), (w - legend, py(e)), (225, 225, 225), 1)
-        cv2.putText(img, f"{10 ** e:g} ms", (5, py(e) + 5), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "throughput, faces/s (log) ->", (left + 200, h - 15), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, "p99 latency (log)", (5, 20), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    for i, (m, x, y) in enumerate(zip(pts, xs, ys)):
-        color = COLORS.get(m.point.config, (0, 0, 0))
-        cv2.circle(img, (px(x), py(y)), 6, color, -1, cv2.LINE_AA)
-        cv2.putText(img, str(i + 1), (px(x) + 7, py(y) - 5), font, 0.45, color, 1, cv2.LINE_AA)
-        cv2.putText(img, f"{i + 1}. {m.point.name}"[:52], (w - legend + 10, top + 18 * i + 10), font, 0.42, color, 1,
-                    cv2.LINE_AA)
-    cv2.imwrite(str(path), img)
+def plot(report: Report, path: Path) -> Path:
+    """Throughput (x, faces/s, log) against latency (y, ms, log): one dot per point at its p50, a line up to
+    its p99, coloured by configuration and numbered, the numbers named beside the chart.
+
+    Needs matplotlib (the ``plot`` extra): raises :class:`fer_swarm.charts.ChartsUnavailable` without it.
+    """
+    pts = [m for m in report.points if m.p50_ms and m.p99_ms and m.throughput_per_s > 0]
+    fig = charts.figure(figsize=(12, 6.5), layout="constrained")
+    ax, key = fig.subplots(1, 2, width_ratios=(3, 2))
+    line = min(0.045, 0.95 / max(len(pts), 1))
+    for i, m in enumerate(pts, 1):
+        color = COLORS.get(m.point.config, "black")
+        ax.vlines(m.throughput_per_s, m.p50_ms, m.p99_ms, colors=color, linewidth=1.5, alpha=0.6)
+        ax.plot(m.throughput_per_s, m.p99_ms, marker="_", markersize=10, color=color)
+        ax.plot(m.throughput_per_s, m.p50_ms, marker="o", markersize=7, color=color)
+        ax.annotate(str(i), (m.throughput_per_s, m.p50_ms), xytext=(5, -11), textcoords="offset points",
+                    fontsize=8, color=color)
+        key.text(0, 1 - line * i, f"{i}. {m.point.name}", color=color, fontsize=8.5, va="top",
+                 transform=key.transAxes)
+    if pts:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "no point answered any job", ha="center", va="center", transform=ax.transAxes)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xlabel("throughput (faces/s, log scale)")
+    ax.set_ylabel("latency (ms, log scale): dot p50, line up to p99")
+    ax.set_title("fer-swarm bench: this machine, one run", fontsize=11)
+    key.set_axis_off()
+    key.set_title("points (a ceiling, b prototype, c fer-swarm, d broker alone, e simulated Pis)", fontsize=8.5,
+                  loc="left")
+    return charts.save(fig, path)

@@ -16,11 +16,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import cv2
 import numpy as np
 
-from .. import datasets, metrics
+from .. import charts, datasets, metrics
 from ..errors import ModelError
 from ..model import Classifier, runtime_name
 from ..modelstats import ModelStats, model_stats
@@ -51,10 +51,12 @@ class Evaluation:
         }
 
 
-def evaluate(data_dir: Path, model_paths: list[Path], *, threads: int = 1) -> list[Evaluation]:
+def evaluate(data_dir: Path, model_paths: list[Path], *, threads: int = 1,
+             progress: Callable[[int, int], None] | None = None) -> list[Evaluation]:
     """Predict every readable image of ``data_dir`` with each model, one image at a time, timing each call.
 
     The models must take the same crop size and labels (so they see the same faces).
+    ``progress(done, total)`` is called after each image has been scored by every model.
     """
     clfs = [Classifier(p, threads=threads) for p in model_paths]
     first = clfs[0]
@@ -69,12 +71,15 @@ def evaluate(data_dir: Path, model_paths: list[Path], *, threads: int = 1) -> li
         clf.predict(data.images[0])  # the first call pays for lazy kernel set-up; keep it out of the timings
     preds = np.empty((len(clfs), len(data.labels)), np.int64)
     times = np.empty((len(clfs), len(data.labels)))
+    total = len(data.images)
     for i, img in enumerate(data.images):
         for m, clf in enumerate(clfs):
             t0 = time.perf_counter()
             probs = clf.predict(img)
             times[m, i] = (time.perf_counter() - t0) * 1000
             preds[m, i] = int(np.argmax(probs))
+        if progress is not None:
+            progress(i + 1, total)
     return [
         Evaluation(
             model=clf.path,
@@ -90,28 +95,30 @@ def evaluate(data_dir: Path, model_paths: list[Path], *, threads: int = 1) -> li
     ]
 
 
-def plot_confusion(report: metrics.Report, path: Path, title: str = "") -> None:
-    """Write the row-normalised confusion matrix as a PNG heat map (OpenCV only, no plotting library)."""
+def plot_confusion(report: metrics.Report, path: Path, title: str = "") -> Path:
+    """Write the confusion matrix as a PNG heat map: colour is the share of each true class's faces given
+    each answer (the diagonal is the recall), each cell also shows its count and share.
+
+    Needs matplotlib (the ``plot`` extra): raises :class:`fer_swarm.charts.ChartsUnavailable` without it.
+    """
     k = len(report.classes)
-    cell, left, top = 80, 110, 60
-    img = np.full((top + k * cell + 90, left + k * cell + 20, 3), 255, np.uint8)
-    rows = report.confusion / np.maximum(report.confusion.sum(axis=1, keepdims=True), 1)
-    font = cv2.FONT_HERSHEY_SIMPLEX
+    fig = charts.figure(figsize=(2.2 + 0.95 * k, 1.6 + 0.85 * k), layout="constrained")
+    from matplotlib.ticker import PercentFormatter
+
+    support = report.confusion.sum(axis=1)
+    shares = report.confusion / np.maximum(support[:, None], 1)
+    ax = fig.add_subplot()
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    bar = fig.colorbar(image, ax=ax, format=PercentFormatter(1.0), shrink=0.85)
+    bar.set_label("share of the true class's faces (diagonal: recall)")
     for i in range(k):
         for j in range(k):
-            shade = int(255 - 200 * rows[i, j])
-            x0, y0 = left + j * cell, top + i * cell
-            cv2.rectangle(img, (x0, y0), (x0 + cell, y0 + cell), (255, shade, shade), -1)
-            cv2.rectangle(img, (x0, y0), (x0 + cell, y0 + cell), (200, 200, 200), 1)
-            color = (255, 255, 255) if rows[i, j] > 0.55 else (0, 0, 0)
-            cv2.putText(img, f"{report.confusion[i, j]}", (x0 + 8, y0 + 32), font, 0.5, color, 1, cv2.LINE_AA)
-            cv2.putText(img, f"{rows[i, j]:.0%}", (x0 + 8, y0 + 58), font, 0.45, color, 1, cv2.LINE_AA)
-        cv2.putText(img, report.classes[i][:10], (5, top + i * cell + 45), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(img, report.classes[i][:9], (left + i * cell + 4, top + k * cell + 22), font, 0.45, (0, 0, 0), 1,
-                    cv2.LINE_AA)
-    cv2.putText(img, "predicted ->   (rows: true class)", (left, top + k * cell + 55), font, 0.5, (0, 0, 0), 1,
-                cv2.LINE_AA)
-    heading = f"{title}  accuracy {report.accuracy:.1%}  macro-F1 {report.macro_f1:.3f}  n={report.n}"
-    cv2.putText(img, heading, (5, 30), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    if not cv2.imwrite(str(path), img):
-        raise OSError(f"cannot write {path}")
+            ax.text(j, i, f"{report.confusion[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if shares[i, j] > 0.55 else "black")
+    ax.set_xticks(range(k), report.classes, rotation=35, ha="right")
+    ax.set_yticks(range(k), [f"{c} ({n})" for c, n in zip(report.classes, support)])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (faces)")
+    ax.set_title(f"{title}\naccuracy {report.accuracy:.1%}, macro-F1 {report.macro_f1:.3f}, n = {report.n} faces",
+                 fontsize=10)
+    return charts.save(fig, path)
