@@ -192,6 +192,7 @@ class _EnvironSource(EnvSettingsSource):
 
 def read_toml(model: type[Settings], path: Path) -> dict[str, Any]:
     """The keys of a TOML settings file, as written (unknown ones included, for :func:`load` to name)."""
+    path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     if not path.is_file():
