@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -34,6 +32,7 @@ from fer_swarm.edge.pipeline import UNSENT
 from fer_swarm.errors import FerSwarmError
 from fer_swarm.samples import sample_clip
 
+from .conftest import run_on_terminal
 from .swarm import BrokerThread, WorkerThread, free_port, wait_for, zmq_context
 
 CLIP_FRAMES = 300  # 20 s at 15 fps read in real time: every signal lands mid-file
@@ -231,32 +230,8 @@ def test_no_progress_when_stderr_is_not_a_terminal(swarm, short_clip, tmp_path):
 
 
 def test_progress_on_a_terminal_shows_frames_of_the_total(swarm, short_clip, tmp_path):
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(edge_command(swarm.frontend, short_clip, tmp_path), stdout=subprocess.PIPE,
-                            stderr=slave, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", TERM="xterm", COLUMNS="120"))
-    os.close(slave)
-    seen = b""
-    end = time.monotonic() + 120
-    try:
-        while time.monotonic() < end:
-            if select.select([master], [], [], 0.5)[0]:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not chunk:
-                    break
-                seen += chunk
-            elif proc.poll() is not None:
-                break
-        stdout = proc.communicate(timeout=30)[0]
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))  # colours and cursor moves
-    assert proc.returncode == 0, text[-3000:]
+    code, stdout, seen = run_on_terminal(*edge_command(swarm.frontend, short_clip, tmp_path)[3:], timeout=120)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen)  # colours and cursor moves
+    assert code == 0, text[-3000:]
     assert re.search(r"\b\d+/20 frames\s+[\d.]+ fps\s+\d+ faces", text), text[-3000:]
     assert printed_frames(stdout) == 20
