@@ -19,6 +19,9 @@ sent, not of replies that happened to arrive within a window. Parts:
     a reply, for ~15 s, beside one polite client at 10 two-face JOBs a second
     (250 ms deadline) that reads its replies: the broker's RSS before, its
     peak (VmHWM), after the flooders left, and the polite client's % answered.
+    The flooders stand for other machines, so they run at nice 19
+    (``--flooder-nice``): on one 2-core host, busy-looping senders at the
+    same priority would take the workers' CPU as well as the broker's.
 ``soak``
     60 s at a moderate open-loop load (two workers, 50 two-face JOBs a second):
     the broker's RSS every second, its growth over the run, and the outcomes.
@@ -35,10 +38,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -73,6 +78,7 @@ def run_load(endpoint: str, jobs_per_s: float, faces: int, deadline_ms: int, sec
     latencies_ms: list[float] = []
     unsent = duplicates = 0
     answered: set[int] = set()
+    reasons: Counter = Counter()  # why jobs failed, numbers blanked so that alike reasons add up
 
     def read(timeout_ms: float) -> None:
         nonlocal duplicates
@@ -90,6 +96,8 @@ def run_load(endpoint: str, jobs_per_s: float, faces: int, deadline_ms: int, sec
                 continue
             answered.add(frame)
             outcomes[msg.command.value] += 1
+            if not isinstance(msg, p.Result):
+                reasons[f"{msg.command.value}: {re.sub(r'[0-9]+', 'N', msg.reason)}"] += 1
             if isinstance(msg, p.Result):
                 latencies_ms.append((time.perf_counter() - sent_at[frame]) * 1000)
 
@@ -120,7 +128,7 @@ def run_load(endpoint: str, jobs_per_s: float, faces: int, deadline_ms: int, sec
             "sent": sent, "unsent": unsent, **{k.lower(): v for k, v in outcomes.items()},
             "unanswered": sent - len(answered), "duplicates": duplicates,
             "result_pct": round(100 * outcomes["RESULT"] / sent, 1) if sent else None,
-            "p50_ms": pct(50), "p99_ms": pct(99)}
+            "p50_ms": pct(50), "p99_ms": pct(99), "reasons": dict(reasons.most_common(5))}
 
 
 def run_flood(endpoint: str, faces: int, seconds: float, stream: str) -> dict:
@@ -163,8 +171,9 @@ def _wait_welcome(sock: zmq.Socket, stream: str, timeout_s: float = 60) -> None:
     raise TimeoutError("the broker announced no model in time")
 
 
-def child(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE), *args], stdout=subprocess.PIPE, text=True)
+def child(*args: str, nice: int = 0) -> subprocess.Popen:
+    return subprocess.Popen(["nice", "-n", str(nice)] * bool(nice) + [sys.executable, str(HERE), *args],
+                            stdout=subprocess.PIPE, text=True)
 
 
 def child_result(proc: subprocess.Popen, timeout_s: float) -> dict:
@@ -282,8 +291,8 @@ def floods(args) -> list[dict]:
             polite = child("_load", swarm.front, "--rate", "10", "--seconds", str(args.flood_seconds + 2),
                            "--stream", "polite")
             time.sleep(1)
-            floods_ = [child("_flood", swarm.front, "--seconds", str(args.flood_seconds), "--stream", f"flood-{i}")
-                       for i in range(flooders)]
+            floods_ = [child("_flood", swarm.front, "--seconds", str(args.flood_seconds), "--stream", f"flood-{i}",
+                             nice=args.flooder_nice) for i in range(flooders)]
             samples = []
             while any(f.poll() is None for f in floods_):
                 samples.append(swarm.rss_kb())
@@ -293,15 +302,17 @@ def floods(args) -> list[dict]:
             time.sleep(3)
             after = swarm.rss_kb()
             status = swarm.status()
-            row = {"flooders": flooders, "flood_seconds": args.flood_seconds, "faces_per_flood_job": 16,
+            row = {"flooders": flooders, "flooder_nice": args.flooder_nice, "flood_seconds": args.flood_seconds,
+                   "faces_per_flood_job": 16,
                    "rss_before_mb": round(before / 1024, 1), "rss_peak_mb": round(swarm.peak_kb() / 1024, 1),
                    "rss_after_mb": round(after / 1024, 1), "rss_samples_mb": [round(s / 1024, 1) for s in samples],
                    "flood_jobs_sent": [f["sent"] for f in flood_results], "polite": polite_result,
                    "broker_counters": status["counters"], "clients_known_after": len(status["clients"])}
             rows.append(row)
-            print(f"  {flooders} flooder(s) x {args.flood_seconds:g} s ({sum(row['flood_jobs_sent'])} 16-face jobs "
+            print(f"  {flooders} flooder(s) at nice {args.flooder_nice} x {args.flood_seconds:g} s ({sum(row['flood_jobs_sent'])} 16-face jobs "
                   f"sent): broker RSS {row['rss_before_mb']} MB -> peak {row['rss_peak_mb']} MB -> after "
-                  f"{row['rss_after_mb']} MB; polite client {_outcome_line(polite_result)}", flush=True)
+                  f"{row['rss_after_mb']} MB; polite client {_outcome_line(polite_result)}; "
+                  f"{polite_result['reasons']}", flush=True)
     return rows
 
 
@@ -378,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="slow links: seconds of load per point")
     ap.add_argument("--flooders", type=lambda s: [int(x) for x in s.split(",")], default=[1, 3])
     ap.add_argument("--flood-seconds", type=float, default=15.0)
+    ap.add_argument("--flooder-nice", type=int, default=19,
+                    help="floods: the flooders' nice value; flooders stand for other machines, so by default they "
+                         "get only the CPU the broker and the workers leave (0: compete with them)")
     ap.add_argument("--soak-seconds", type=float, default=60.0)
     ap.add_argument("--soak-rate", type=float, default=50.0, help="soak: two-face JOBs a second")
     args = ap.parse_args(argv)
