@@ -16,6 +16,12 @@ Backpressure: a direction stops reading its source while more than
 transport), so a slow receiver slows the sender as it would on a real link
 instead of growing the relay's memory.
 
+Faults: :meth:`Relay.stall` stops forwarding both ways on every connection (a
+partition: bytes read are held, nothing more is read, new connections are
+accepted but not relayed) until :meth:`Relay.resume`, which delivers what was
+held; :meth:`Relay.cut` resets every connection (TCP RST, as a crashed router
+or a NAT dropping state would), and new ones are relayed as before.
+
 Closing: when either side closes (or resets, or cannot be written to), the
 relay stops reading both sides, still delivers every chunk it already holds in
 either direction (waiting at most the delay plus ``FLUSH_TIMEOUT_S``), and then
@@ -23,7 +29,8 @@ closes both connections. Nothing half-closes: the links it stands in for carry
 ZeroMQ and the prototype's protocol, and neither uses a half-open connection.
 
 Run one from the shell with
-``python -m fer_swarm.bench.relay --listen PORT --target HOST:PORT --delay-ms ONE_WAY_MS``.
+``python -m fer_swarm.bench.relay --listen PORT --target HOST:PORT --delay-ms ONE_WAY_MS``;
+there SIGUSR1 stalls the link or resumes it, and SIGUSR2 cuts its connections.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import contextlib
 import logging
 import signal
 import socket
+import struct
 import sys
 import threading
 from collections import deque
@@ -67,8 +75,10 @@ class _Direction:
     the destination fails.
     """
 
-    def __init__(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay_s: float, max_pending_bytes: int):
+    def __init__(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay_s: float, max_pending_bytes: int,
+                 flowing: asyncio.Event):
         self._src, self._dst = src, dst
+        self._flowing = flowing  # cleared while the relay is stalled: nothing is read or written
         self._delay_s = delay_s
         self._max_pending = max_pending_bytes
         self._queue: deque[tuple[float, bytes]] = deque()
@@ -98,6 +108,7 @@ class _Direction:
                 while self._pending > self._max_pending:
                     self._room.clear()
                     await self._room.wait()
+                await self._flowing.wait()
                 chunk = await self._src.read(CHUNK_BYTES)
                 if not chunk:
                     return
@@ -121,6 +132,11 @@ class _Direction:
             wait_s = self._queue[0][0] - loop.time()
             if wait_s > 0:
                 await asyncio.sleep(wait_s)
+            if not self._flowing.is_set():
+                # Stalled: what is due stays held. A chunk read before the stall was already on
+                # its way; holding it too keeps "nothing moves" exact.
+                await self._flowing.wait()
+                continue
             if self._dst.is_closing():
                 raise ConnectionResetError("destination closed")
             # The head is due; everything else already due goes in the same write and drain.
@@ -162,7 +178,9 @@ class Relay:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
+        self._flowing: asyncio.Event | None = None
         self._pairs: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()  # both ends of every relayed connection, for cut()
 
     @property
     def connections(self) -> int:
@@ -188,6 +206,53 @@ class Relay:
             self._thread.join(STOP_TIMEOUT_S)
             raise TransportError(f"relay cannot listen on {LISTEN_HOST}:{self.port}: {self._error}") from self._error
 
+    def stall(self) -> None:
+        """Stop forwarding both ways on every connection, new ones included, until :meth:`resume`.
+
+        A partition as the two ends see it: their connections stay open, nothing arrives. What
+        was read before is held, and delivered on resume (if the ends have not given up).
+        """
+        self._call(lambda: self._flowing.clear())
+
+    def resume(self) -> None:
+        """Forward again after :meth:`stall`."""
+        self._call(lambda: self._flowing.set())
+
+    def cut(self) -> None:
+        """Reset every relayed connection now (TCP RST both ways, nothing held is delivered).
+
+        New connections are relayed as usual (a cut while stalled leaves the relay stalled).
+        """
+        self._call(self._reset_all)
+
+    def _call(self, fn) -> None:
+        """Run ``fn`` in the relay's loop and wait until it has run."""
+        loop = self._loop
+        if loop is None or self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the relay is not running")
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        loop.call_soon_threadsafe(run)
+        if not done.wait(STOP_TIMEOUT_S):
+            raise TransportError(f"relay on port {self.port} did not answer within {STOP_TIMEOUT_S} s")
+
+    def _reset_all(self) -> None:
+        for w in list(self._writers):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                # Linger on, timeout 0: close() sends RST instead of FIN.
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            w.transport.abort()
+        for task in list(self._pairs):
+            task.cancel()
+
     def stop(self) -> None:
         thread = self._thread
         if thread is None or not thread.is_alive():
@@ -211,8 +276,10 @@ class Relay:
                 self._ready.set()
 
     async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._loop = asyncio.get_running_loop()
         server = await asyncio.start_server(self._relay_pair, LISTEN_HOST, self.port)
         self.port = server.sockets[0].getsockname()[1]
         log.info("relay %s:%d -> %s:%d started, one-way delay %g ms", LISTEN_HOST, self.port, *self.target,
@@ -234,21 +301,26 @@ class Relay:
         self._pairs.add(task)
         peer = c_writer.get_extra_info("peername")
         t_writer = None
+        self._writers.add(c_writer)
         try:
+            # Stalled: accept, but reach nothing (a partitioned link completes no handshake).
+            await self._flowing.wait()
             try:
                 t_reader, t_writer = await asyncio.wait_for(asyncio.open_connection(*self.target), CONNECT_TIMEOUT_S)
             except (OSError, asyncio.TimeoutError) as e:
                 log.warning("relay cannot reach %s:%d for %s: %s", *self.target, peer, e or "timed out")
                 return
+            self._writers.add(t_writer)
             _nodelay(c_writer)
             _nodelay(t_writer)
             log.debug("relaying %s <-> %s:%d", peer, *self.target)
-            directions = (_Direction(c_reader, t_writer, self.one_way_delay_s, self.max_pending_bytes),
-                          _Direction(t_reader, c_writer, self.one_way_delay_s, self.max_pending_bytes))
+            directions = (_Direction(c_reader, t_writer, self.one_way_delay_s, self.max_pending_bytes, self._flowing),
+                          _Direction(t_reader, c_writer, self.one_way_delay_s, self.max_pending_bytes, self._flowing))
             try:
                 writers = [d.writer for d in directions]
                 await asyncio.wait(writers, return_when=asyncio.FIRST_COMPLETED)
-                # One side closed or failed: deliver what is already held both ways, then close both.
+                # One side closed or failed: deliver what is already held both ways, then close both
+                # (a stalled relay delivers nothing, so a pair closing meanwhile waits at most this long).
                 for d in directions:
                     d.stop_reading()
                 await asyncio.wait(writers, timeout=self.one_way_delay_s + FLUSH_TIMEOUT_S)
@@ -264,6 +336,7 @@ class Relay:
             for w in (c_writer, t_writer):
                 if w is not None:
                     w.close()
+                    self._writers.discard(w)
             self._pairs.discard(task)
 
 
@@ -295,6 +368,20 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TransportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    stalled = False
+
+    def toggle_stall(*_) -> None:
+        nonlocal stalled
+        stalled = not stalled
+        (relay.stall if stalled else relay.resume)()
+        log.info("relay %s", "stalled" if stalled else "resumed")
+
+    def cut(*_) -> None:
+        relay.cut()
+        log.info("relay cut its connections")
+
+    signal.signal(signal.SIGUSR1, toggle_stall)
+    signal.signal(signal.SIGUSR2, cut)
     try:
         host, port = args.target
         print(f"relay {LISTEN_HOST}:{relay.port} -> {host}:{port}, one-way delay {args.delay_ms:g} ms", flush=True)
