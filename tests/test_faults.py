@@ -600,9 +600,6 @@ def test_client_that_never_reads_its_replies(ctx, procs):
     assert after <= peak <= memory_bound_kb(base, JOB16_BYTES, 2), (base, peak, after)
 
 
-@pytest.mark.xfail(strict=True, reason="defect: the broker's service-time estimate is per JOB, not per face, so a "
-                   "small job is judged by the size of big ones and answered EXPIRED at once by an idle worker "
-                   "that could answer it in a tenth of its deadline (reported to the lead, issue 13 point 2)")
 def test_a_small_job_is_not_judged_by_the_size_of_big_ones(ctx, procs):
     # One worker taking at least 100 ms a face. A 16-face job (1.6 s) teaches the broker its service time;
     # then, with the worker idle, a one-face job with 1 s to spare needs about 100 ms.

@@ -95,7 +95,8 @@ class WorkerState:
     done: int = 0
     failed: int = 0
     wrong_replies: int = 0
-    service_s: float | None = None  # smoothed seconds of its time per job: a job's inference time / concurrency
+    face_s: float | None = None  # smoothed seconds one of its threads takes for one face
+    faces_per_job: float = 1.0  # smoothed size of the jobs it gets, in faces
     _links: deque[float] = field(default_factory=lambda: deque(maxlen=LINK_SAMPLES))
 
     @property
@@ -103,6 +104,11 @@ class WorkerState:
         """The round trip of its link: the least of recent jobs' time away less their service time
         (the least, because only a job that found the worker idle did not also wait in its queue)."""
         return min(self._links) if self._links else None
+
+    @property
+    def service_s(self) -> float | None:
+        """Seconds of its time a typical job takes when all its threads are busy (jobs leave at 1/this per s)."""
+        return None if self.face_s is None else self.face_s * self.faces_per_job / self.concurrency
 
     @property
     def credits(self) -> int:
@@ -120,17 +126,26 @@ class WorkerState:
     def load(self) -> float:
         return len(self.inflight) / self.credits
 
-    def expected_s(self) -> float:
-        """Seconds one more job would take to come back: its link, and its service behind the jobs it holds."""
-        return (self.link_s or 0.0) + (len(self.inflight) + 1) * (self.service_s or 0.0)
+    def expected_s(self, faces: int) -> float:
+        """Seconds a job of ``faces`` crops would take to come back: the link, the faces it holds ahead of
+        the job shared among its threads, then the job's own faces split across them."""
+        if self.face_s is None:
+            return self.link_s or 0.0
+        ahead = sum(len(job.msg.ids) for job in self.inflight.values())
+        own = math.ceil(faces / self.concurrency)
+        return (self.link_s or 0.0) + (ahead / self.concurrency + own) * self.face_s
 
     def measured(self, away_s: float, inference_s: float, faces: int) -> None:
-        """A job came back ``away_s`` after dispatch, its ``faces`` crops having taken ``inference_s`` in all."""
+        """A job came back ``away_s`` after dispatch, its ``faces`` crops having taken ``inference_s`` in all.
+
+        Time is counted per face, not per job: a one-face job is not to be judged by the size of the
+        sixteen-face jobs before it.
+        """
         running_s = inference_s / min(faces, self.concurrency)  # the reference worker splits a job's crops
         self._links.append(max(0.0, away_s - running_s))
-        service = inference_s / self.concurrency
-        self.service_s = service if self.service_s is None else (
-            SERVICE_EWMA * service + (1 - SERVICE_EWMA) * self.service_s)
+        per_face = inference_s / faces
+        self.face_s = per_face if self.face_s is None else SERVICE_EWMA * per_face + (1 - SERVICE_EWMA) * self.face_s
+        self.faces_per_job = SERVICE_EWMA * faces + (1 - SERVICE_EWMA) * self.faces_per_job
 
 
 @dataclass(eq=False)
@@ -501,9 +516,10 @@ class Scheduler:
             if job.answered:
                 continue
             remaining_s = job.deadline - now
-            in_time = [w for w in free if w.expected_s() < remaining_s]
+            faces = len(job.msg.ids)
+            in_time = [w for w in free if w.expected_s(faces) < remaining_s]
             if not in_time:
-                best = min(w.expected_s() for w in free)
+                best = min(w.expected_s(faces) for w in free)
                 reason = ("deadline passed while queued" if remaining_s <= 0 else
                           f"{1000 * remaining_s:.0f} ms left; the least busy worker needs about {1000 * best:.0f} ms")
                 replies.append(self._expired(job, reason))
