@@ -77,14 +77,21 @@ def test_edge_cli_needs_a_source_and_a_display_or_outputs():
 
 
 def test_real_edge_survives_a_broker_restart(tmp_path):
-    """The edge keeps playing while the broker is down (those faces time out) and is labelled again after."""
+    """The edge keeps playing while the broker is down (those faces time out) and is labelled again after.
+
+    Each phase waits for what the events file shows, not for a time, so a loaded machine only makes it slower.
+    """
     import threading
-    import time
 
     from .swarm import free_port
 
-    clip = sample_clip(tmp_path / "long.mp4", frames=120, faces=1, fps=20)
+    clip = sample_clip(tmp_path / "long.mp4", frames=300, faces=1, fps=20)
     events = tmp_path / "events.jsonl"
+
+    def lines() -> list[dict]:
+        text = events.read_text() if events.exists() else ""
+        return [json.loads(line) for line in text.splitlines()[:-1]]  # the last line may be half written
+
     front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     result = {}
     with zmq_context() as ctx:
@@ -95,22 +102,19 @@ def test_real_edge_survives_a_broker_restart(tmp_path):
             edge = threading.Thread(target=lambda: result.update(summary=run_edge(
                 EdgeSettings(broker=front, video=clip, events=events, realtime=True, deadline_ms=300), context=ctx)))
             edge.start()
-            time.sleep(1.5)  # about 30 frames in
+            assert wait_for(lambda: sum(1 for e in lines() if e["label"]) >= 10, 60), "the edge never labelled"
             b.stop()
-            time.sleep(1.0)  # about 20 frames with no broker
+            # Down until the edge has seen its jobs fail and a label go stale (a second without an answer).
+            assert wait_for(lambda: any(e["error"] for e in lines()), 60), "a label a second old was still shown"
             b = BrokerThread(ctx, front, back)
-            edge.join(30)
+            edge.join(120)
             assert not edge.is_alive()
         finally:
             w.stop()
             b.stop()
-    lines = [json.loads(line) for line in events.read_text().splitlines()]
-    frames = [e["frame"] for e in lines]
-    assert max(frames) >= 110  # played to the end of the clip
-    # Jobs failed while the broker was down; once the face's last answer was a second old its label went too.
-    failed = [e for e in lines if e["job_error"]]
-    assert failed, "the broker was down for a second: some faces must have failed"
-    assert any(e["error"] for e in lines), "a label a second old must not be shown as current"
-    last_failure = max(e["frame"] for e in lines if e["job_error"] or e["error"])
-    after = [e for e in lines if e["frame"] > last_failure]
+    everything = [json.loads(line) for line in events.read_text().splitlines()]
+    assert max(e["frame"] for e in everything) >= 290  # played to the end of the clip
+    assert any(e["job_error"] for e in everything), "the broker was down: some faces must have failed"
+    last_failure = max(i for i, e in enumerate(everything) if e["job_error"] or e["error"])
+    after = everything[last_failure + 1:]
     assert len(after) >= 20 and all(e["label"] for e in after), "labels did not come back after the restart"

@@ -288,7 +288,7 @@ def test_worker_answers_malformed_and_wrong_size_jobs_and_lives(ctx):
     try:
         assert router.poll(5000)
         ident, ready = p.decode_routed(router.recv_multipart())
-        assert isinstance(ready, p.Ready) and ready.capacity == 2 and ready.model.width_px == 48
+        assert isinstance(ready, p.Ready) and (ready.capacity, ready.threads) == (8, 1) and ready.model.width_px == 48
 
         def roundtrip(frames):
             router.send_multipart([ident, *frames])
