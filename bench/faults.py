@@ -270,7 +270,7 @@ def slow_links(args) -> list[dict]:
                 load = child_result(child("_load", swarm.front, "--rate", str(rate), "--seconds",
                                           str(args.seconds), "--stream", "slow"), args.seconds + 60)
                 status = swarm.status()
-            row = {"capacity": capacity or "default (2 per thread)", "one_way_ms": args.one_way_ms, **load,
+            row = {"capacity": capacity or "default (8 per thread)", "one_way_ms": args.one_way_ms, **load,
                    "workers": _workers_view(status)}
             rows.append(row)
             print(f"  capacity {row['capacity']!s:>22}, {rate:5.0f} jobs/s: {_outcome_line(load)}"
