@@ -199,8 +199,11 @@ def train(
 
     Needs the optional training dependencies: pip install 'fer-swarm\\[train]'.
     """
+    from .logs import native_output
+
     try:
-        from .training.train import TrainOptions, run
+        with native_output("tensorflow"):  # TensorFlow's import-time C++ notices become log records (-q hides them)
+            from .training.train import TrainOptions, run
     except ImportError as e:
         fail(f"training needs TensorFlow: pip install 'fer-swarm[train]' ({e})")
     opts = TrainOptions(
