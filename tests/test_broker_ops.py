@@ -8,14 +8,17 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import numpy as np
+import pytest
 import zmq
 
 from fer_swarm import protocol as p
 from fer_swarm.config import StatusSettings
+from fer_swarm.errors import TransportError
 from fer_swarm.status import StatusClient, check_line
 
 from .swarm import BrokerThread, Client, WorkerProcess, WorkerThread, free_port, real_faces, wait_for, zmq_context
@@ -245,3 +248,25 @@ def test_a_killed_workers_job_is_sent_again_long_before_the_next_heartbeat():
             broker.stop()
     assert isinstance(reply, p.Result) and reply.faces[0].id == sent, reply
     assert broker.scheduler.counters.redispatched == 1
+
+
+def test_status_names_a_broker_of_another_protocol_version():
+    with zmq_context() as ctx:
+        other = ctx.socket(zmq.ROUTER)  # stands for a broker one version ahead: it answers in its own tag
+        other.linger = 0
+        port = other.bind_to_random_port("tcp://127.0.0.1")
+
+        def answer():
+            if other.poll(20_000):
+                identity = other.recv_multipart()[0]
+                other.send_multipart([identity, b"fer-swarm/4", b"ERROR", b'{"ids":[],"reason":"version"}'])
+
+        replier = threading.Thread(target=answer)
+        replier.start()
+        try:
+            with StatusClient(StatusSettings(broker=f"tcp://127.0.0.1:{port}", timeout_s=20), ctx) as client:
+                with pytest.raises(TransportError, match="speaks fer-swarm/4, this tool fer-swarm/3"):
+                    client.fetch()
+        finally:
+            replier.join(30)
+            other.close(0)
