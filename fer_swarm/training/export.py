@@ -74,7 +74,12 @@ class Candidate:
         }
 
 
-def _convert(model: keras.Model, kind: str, representative: np.ndarray) -> bytes:
+def convert(model: keras.Model, kind: str, representative: np.ndarray) -> bytes:
+    """The TFLite flatbuffer of ``model`` as one of ``KINDS``, calibrated on ``representative`` (uint8 faces).
+
+    "int16x8" (int8 weights, int16 activations) is not an export candidate;
+    bench/int8_agreement.py uses it to show what 8-bit activations cost.
+    """
     def samples():
         return ([r[None, ..., None].astype(np.float32)] for r in representative)
 
@@ -89,6 +94,9 @@ def _convert(model: keras.Model, kind: str, representative: np.ndarray) -> bytes
             # uint8 input with scale 1, zero point 0 (the first layer rescales): the crop's bytes go in as they are.
             conv.inference_input_type = tf.uint8
             conv.inference_output_type = tf.float32
+        if kind == "int16x8":
+            conv.representative_dataset = samples
+            conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
         if kind == "int8-float-head":
             # The converter's selective quantization lives in its quantization debugger.
             conv.representative_dataset = samples
@@ -125,7 +133,7 @@ def export(
     candidates: list[Candidate] = []
     for kind in KINDS:
         path = work_dir / f"{out.stem}-{kind}.tflite"
-        path.write_bytes(_convert(model, kind, x_representative))
+        path.write_bytes(convert(model, kind, x_representative))
         card = _card(path, kind, classes, size, card_fields)
         write_card(card, path)
         clf = Classifier(path, threads=1, card=card)
