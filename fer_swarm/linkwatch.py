@@ -172,7 +172,7 @@ def foreign_version(frames: Sequence[bytes | zmq.Frame]) -> str | None:
     if not frames:
         return None
     tag = bytes(frames[0].bytes if isinstance(frames[0], zmq.Frame) else frames[0])[:32]
-    if tag.startswith(_TAG_PREFIX) and tag != PROTOCOL_TAG:
+    if tag.startswith(_TAG_PREFIX) and tag.strip() != PROTOCOL_TAG:  # white space is a malformed tag, not a version
         return tag.decode("ascii", "replace")
     return None
 

@@ -234,3 +234,10 @@ def test_progress_on_a_terminal_shows_frames_of_the_total(swarm, short_clip, tmp
     assert code == 0, text[-3000:]
     assert re.search(r"\b\d+/20 frames\s+[\d.]+ fps\s+\d+ faces", text), text[-3000:]
     assert printed_frames(stdout) == 20
+
+
+def test_an_endpoint_the_client_cannot_use_leaves_no_output_file_behind(tmp_path, short_clip):
+    events = tmp_path / "events.jsonl"
+    with pytest.raises(FerSwarmError):
+        run_edge(EdgeSettings(broker="tcp://127.0.0.1", video=short_clip, events=events))  # no port
+    assert not events.exists()

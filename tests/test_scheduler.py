@@ -295,3 +295,39 @@ def test_wrong_size_crops_queued_before_any_worker_are_answered_error_not_expire
     sched.register(b"w", ready("w", 1), 0.0)
     sends, replies = sched.dispatch(0.0)
     assert sends == [] and [type(r) for _, r in replies] == [p.Error] and "64x64" in replies[0][1].reason
+
+
+def test_nobody_is_pushed_out_for_a_newcomer_that_would_be_refused_anyway():
+    s = Scheduler(BrokerSettings(max_queue_bytes=9500, max_client_bytes=9500))
+    for i in range(4):
+        assert s.submit(b"a", job("a", i), 0.0) == []  # 4 x 2304 = 9216 bytes
+    (who, reply), = s.submit(b"b", job("b", 0, faces=3), 0.0)  # 6912 bytes: pushing out a's jobs
+    # down to b's share would not free enough, so b is refused and a keeps all four.
+    assert who == b"b" and isinstance(reply, p.Busy) and "bytes" in reply.reason
+    assert len(s.clients[b"a"].queue) == 4 and s.queued_bytes == 4 * 2304
+
+
+def test_a_worker_answering_busy_is_paused_and_its_job_tried_elsewhere_once():
+    s = Scheduler(BrokerSettings(heartbeat_interval_s=1.0))
+    s.register(b"draining", ready("draining", 2), 0.0)
+    s.submit(b"c", job("c", 1, deadline_ms=1000), 0.0)
+    (_, sent), = s.dispatch(0.0)[0]
+    busy = p.Busy(ids=sent.ids, job=sent.job, reason="worker draining")
+    assert s.complete(b"draining", busy, 0.01) is None  # not forwarded: queued again
+    assert s.queued == 1 and s.counters.redispatched == 1
+    assert s.dispatch(0.02) == ([], [])  # the worker that said BUSY gets nothing for a heartbeat interval
+    s.register(b"steady", ready("steady", 2), 0.02)
+    (wid, again), = s.dispatch(0.03)[0]
+    assert wid == b"steady" and again.ids == sent.ids
+    # A second BUSY for the same job is its answer: it was already tried twice.
+    assert s.complete(b"steady", p.Busy(ids=again.ids, job=again.job, reason="full"), 0.04) is not None
+
+
+def test_a_clients_rate_falls_when_it_stops_sending():
+    from fer_swarm.broker.scheduler import ClientState
+
+    c = ClientState(b"c", 0.0)
+    for i in range(60):  # 10 jobs a second for 6 s
+        c.count_job(1.0 + i / 10)
+    assert c.rate(6.95) == pytest.approx(10, rel=0.1)
+    assert c.rate(60.0) < 1  # silent since: not its old 10 jobs/s

@@ -9,6 +9,7 @@ times are observed as each job is answered.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -27,7 +28,7 @@ PERCENTILES = (50, 90, 99)
 def _percentiles_ms(values: list[float]) -> dict[str, float | None]:
     """Nearest-rank percentiles in ms (the broker does without numpy: it imports no numerics at all)."""
     ranked = sorted(values)
-    return {f"p{q}": round(1000 * ranked[min(len(ranked) - 1, q * len(ranked) // 100)], 2) if ranked else None
+    return {f"p{q}": round(1000 * ranked[max(0, math.ceil(q * len(ranked) / 100) - 1)], 2) if ranked else None
             for q in PERCENTILES}
 
 
@@ -57,7 +58,7 @@ def status_report(scheduler: Scheduler, settings: BrokerSettings, *, started: fl
         "id": c.identity.hex(),
         "host": c.peer,
         "stream": c.stream,
-        "jobs_per_s": round(c.jobs_per_s, 1),
+        "jobs_per_s": round(c.rate(now), 1),
         "received": c.received,
         "queued": len(c.queue),
         "queued_bytes": c.queued_bytes,

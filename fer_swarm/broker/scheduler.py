@@ -95,6 +95,7 @@ class WorkerState:
     done: int = 0
     failed: int = 0
     wrong_replies: int = 0
+    paused_until: float = 0.0  # it answered BUSY: no jobs before then
     face_s: float | None = None  # smoothed seconds one of its threads takes for one face
     faces_per_job: float = 1.0  # smoothed size of the jobs it gets, in faces
     _links: deque[float] = field(default_factory=lambda: deque(maxlen=LINK_SAMPLES))
@@ -167,11 +168,21 @@ class ClientState:
     def idle(self) -> bool:
         return not self.queue and self.inflight == 0
 
+    def rate(self, now: float) -> float:
+        """Jobs a second: over the last full window, or over the current one once it is longer
+        (so a client that stopped sending falls towards 0 instead of keeping its last rate)."""
+        elapsed = now - self._window_start
+        if not self._window_start:
+            return 0.0
+        return self._window_jobs / elapsed if elapsed >= RATE_WINDOW_S else self.jobs_per_s
+
     def count_job(self, now: float) -> None:
         self.received += 1
-        if now - self._window_start >= RATE_WINDOW_S:
+        if not self._window_start:  # its first job opens the first window
+            self._window_start = now
+        elif now - self._window_start >= RATE_WINDOW_S:
             elapsed = now - self._window_start
-            self.jobs_per_s = self._window_jobs / elapsed if self._window_start and elapsed < 2 * RATE_WINDOW_S else 0.0
+            self.jobs_per_s = self._window_jobs / elapsed if elapsed < 2 * RATE_WINDOW_S else 0.0
             self._window_start, self._window_jobs = now, 0
         self._window_jobs += 1
 
@@ -292,21 +303,38 @@ class Scheduler:
         return replies
 
     def _make_room(self, state: ClientState, size: int) -> list[Reply]:
-        """While the shared queue is full, push out the newest job of the client holding the most,
-        as long as that client holds more than ``state`` would after queueing this job (its fair share)."""
-        replies: list[Reply] = []
+        """When the shared queue is full, push out the newest jobs of the clients holding the most, as long
+        as each holds more than ``state`` would after queueing this job (its fair share).
+
+        The jobs to push out are chosen first and pushed out only if that makes room for this one:
+        nobody's job is given up for a newcomer that would be refused anyway.
+        """
         s = self.settings
-        while self.queued >= s.max_queue or self.queued_bytes + size > s.max_queue_bytes:
-            biggest = max((self.clients[i] for i in self._turns), key=lambda c: c.queued_bytes, default=None)
-            if biggest is None or biggest is state or biggest.queued_bytes <= state.queued_bytes + size:
-                break
-            job = biggest.queue.pop()
-            self._dequeued(biggest, job)
-            if not biggest.queue:
-                self._turns.remove(biggest.identity)
-            if not job.answered:
-                replies.append(self._busy(job.client, job.msg, "broker queue is full: making room for other clients"))
-                job.answered = True
+        held = {i: self.clients[i].queued_bytes for i in self._turns}
+        taken = {i: 0 for i in self._turns}  # newest jobs chosen, per client
+        jobs, nbytes = self.queued, self.queued_bytes
+        while jobs >= s.max_queue or nbytes + size > s.max_queue_bytes:
+            biggest = max(held, key=held.get, default=None)
+            if biggest is None or biggest == state.identity or held[biggest] <= state.queued_bytes + size:
+                return []  # fair shares leave no room: the newcomer is refused, nobody is pushed out
+            queue = self.clients[biggest].queue
+            job = queue[len(queue) - 1 - taken[biggest]]
+            taken[biggest] += 1
+            held[biggest] -= job.size
+            jobs, nbytes = jobs - 1, nbytes - job.size
+            if taken[biggest] == len(queue):
+                del held[biggest]
+        replies: list[Reply] = []
+        for identity, n in taken.items():
+            client = self.clients[identity]
+            for _ in range(n):
+                job = client.queue.pop()
+                self._dequeued(client, job)
+                if not job.answered:
+                    job.answered = True
+                    replies.append(self._busy(job.client, job.msg, "broker queue is full: making room for other clients"))
+            if n and not client.queue:
+                self._turns.remove(identity)
         return replies
 
     def _enqueue(self, state: ClientState, job: PendingJob, *, front: bool = False) -> None:
@@ -376,13 +404,7 @@ class Scheduler:
             client.inflight -= 1
             if job.answered or self.clients.get(job.client) is not client:
                 continue
-            if job.attempts == 0 and job.remaining_ms(now) >= self.settings.redispatch_min_ms and not self.draining:
-                job.attempts += 1
-                self.counters.redispatched += 1
-                if not client.queue:
-                    self._turns.append(job.client)
-                self._enqueue(client, job, front=True)
-            else:
+            if not self._requeue(job, now):
                 job.answered = True
                 self.counters.errors += 1
                 replies.append((job.client, p.Error(ids=job.msg.ids, reason=f"worker {state.name} was lost ({why})")))
@@ -406,7 +428,9 @@ class Scheduler:
 
         The reply must name a job in flight at that worker and exactly that job's ids; if not, it is
         dropped and counted (``worker.wrong_replies``), and the job stays in flight. A reply to a job
-        already answered (EXPIRED at its deadline) frees the credit and is dropped as late.
+        already answered (EXPIRED at its deadline) frees the credit and is dropped as late. A worker's
+        BUSY (its own queue full, or it is draining) pauses that worker for a heartbeat interval and sends
+        the job back to the front of its client's queue once, as for a lost worker, if time allows.
         """
         state = self.workers.get(worker)
         if state is None:
@@ -429,9 +453,27 @@ class Scheduler:
         if job.answered or self.clients.get(job.client) is not job.owner:
             self.counters.late_results += 1  # already answered, or its client was forgotten meanwhile
             return None
+        if isinstance(reply, p.Busy):
+            state.paused_until = now + self.settings.heartbeat_interval_s
+            if self._requeue(job, now):
+                return None
         job.answered = True
-        self.timings.append(Timing(job.dispatched - job.received, now - job.dispatched, now - job.received))
+        if isinstance(reply, p.Result):
+            self.timings.append(Timing(job.dispatched - job.received, now - job.dispatched, now - job.received))
         return job
+
+    def _requeue(self, job: PendingJob, now: float) -> bool:
+        """Put a job its worker did not answer back at the front of its client's queue, once, if enough
+        of its deadline remains; False if it may not be tried again."""
+        client = job.owner
+        if job.attempts or job.remaining_ms(now) < self.settings.redispatch_min_ms or self.draining:
+            return False
+        job.attempts += 1
+        self.counters.redispatched += 1
+        if not client.queue:
+            self._turns.append(job.client)
+        self._enqueue(client, job, front=True)
+        return True
 
     # ----------------------------------------------------------------- time
 
@@ -502,7 +544,7 @@ class Scheduler:
         sends: list[tuple[bytes, p.Job]] = []
         replies: list[Reply] = []
         while self._turns and self.queued:
-            free = [w for w in self.workers.values() if len(w.inflight) < w.credits]
+            free = [w for w in self.workers.values() if len(w.inflight) < w.credits and w.paused_until <= now]
             if not free:
                 break
             identity = self._turns.popleft()

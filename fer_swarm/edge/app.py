@@ -307,12 +307,16 @@ def run_edge(
     try:
         endpoint = serve(metrics.registry, settings.metrics_port, settings.metrics_host)
         stream = settings.stream or f"{source.kind}-{os.getpid()}"
-        outputs = Outputs(settings, window=window, fps=source.fps)
         # Jobs wait in the socket only while the broker is out of reach; a job older than the frames
         # held for display is stale, so the queue is that deep and no deeper (past it: UNSENT).
         hwm = max(16, 4 * settings.max_pending_frames * math.ceil(settings.max_faces / MAX_CROPS))
         client = SwarmClient(ctx, settings.broker, name=f"fer-swarm edge {stream}", hwm=hwm,
                              connect_timeout_s=settings.connect_timeout_s, curve=curve)
+        try:  # the client first: an endpoint it cannot use then leaves no output file open
+            outputs = Outputs(settings, window=window, fps=source.fps)
+        except BaseException:
+            client.close()
+            raise
         try:
             welcome = client.connect()
             model = welcome.model

@@ -170,10 +170,11 @@ class Worker:
     def serve(self) -> None:
         """Run until :meth:`stop` (then drain); reconnect whenever the broker goes away."""
         s = self.settings
-        endpoint = telemetry.serve(self.metrics.registry, s.metrics_port, s.metrics_host)
-        self.pool.start()
+        endpoint = None
         stopped = False
-        try:
+        try:  # a metrics port already taken fails here, and the finally still closes what __init__ opened
+            endpoint = telemetry.serve(self.metrics.registry, s.metrics_port, s.metrics_host)
+            self.pool.start()
             while not self._stop.is_set():
                 self._open()
                 try:
