@@ -2,6 +2,8 @@
 
 import os
 import re
+import select
+import signal
 import shutil
 import subprocess
 import sys
@@ -28,13 +30,19 @@ def read_xwd(data: bytes) -> np.ndarray:
 
 @pytest.fixture
 def display():
-    num = 90 + os.getpid() % 100
-    xvfb = subprocess.Popen(["Xvfb", f":{num}", "-screen", "0", "800x600x24", "-nolisten", "tcp"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Xvfb picks a free display itself and writes its number once it accepts connections (-displayfd):
+    # a number chosen here could be another test run's server, whose screen would then be looked at.
+    ready, tell = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(tell), "-screen", "0", "800x600x24", "-nolisten", "tcp"],
+                            pass_fds=(tell,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(tell)
     try:
-        assert wait_for(lambda: os.path.exists(f"/tmp/.X11-unix/X{num}"), 10), "Xvfb did not start"
+        assert select.select([ready], [], [], 20)[0], "Xvfb did not start"
+        num = os.read(ready, 64).decode().strip()
+        assert num.isdigit(), f"Xvfb said {num!r}"
         yield f":{num}"
     finally:
+        os.close(ready)
         xvfb.terminate()
         xvfb.wait(10)
 
@@ -48,7 +56,7 @@ def screen_shows_labelled_faces(shot: bytes) -> bool:
 
 
 def test_edge_shows_labelled_frames_in_a_window(display, tmp_path):
-    clip = sample_clip(tmp_path / "clip.mp4", frames=150, faces=2, fps=15)  # 10 s played in real time
+    clip = sample_clip(tmp_path / "clip.mp4", frames=600, faces=2, fps=15)  # 40 s played in real time, at most
     with zmq_context() as ctx:
         b = BrokerThread(ctx)
         w = WorkerThread(ctx, b.backend)
@@ -59,17 +67,20 @@ def test_edge_shows_labelled_frames_in_a_window(display, tmp_path):
                                      str(clip), "--realtime"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     text=True)
             # Look at the screen until the window plays labelled frames; a loaded machine may take a while to open it.
-            shown, deadline = False, time.monotonic() + 30
+            shown, deadline = False, time.monotonic() + 40
             while not shown and edge.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.5)
                 shot = subprocess.run(["xwd", "-root", "-silent", "-display", display], capture_output=True, timeout=20)
                 shown = shot.returncode == 0 and screen_shows_labelled_faces(shot.stdout)
+            if edge.poll() is None:
+                edge.send_signal(signal.SIGINT)  # seen: stop it as a user would (it flushes and prints its summary)
             out, errs = edge.communicate(timeout=60)
         finally:
             w.stop()
             b.stop()
     assert edge.returncode == 0, errs[-2000:]
-    assert shown, "the window never showed the frame with a green label box"
+    assert shown, f"the window never showed the frame with a green label box; the edge said:\n{out}\n{errs[-2000:]}"
     faces, labelled = map(int, re.search(r"faces\D+(\d+) in \d+ track\(s\) \((\d+) labelled\)", out).groups())
-    # Real time on a loaded machine drops frames, so no count of them is asserted, only that they were labelled.
-    assert faces >= 20 and labelled >= 0.9 * faces
+    # Stopped once seen, and real time on a loaded machine drops frames: no count of them is asserted, only
+    # that the faces shown were labelled (the stop waits for the labels of the frames in hand).
+    assert faces >= 2 and labelled >= 0.9 * faces
