@@ -415,17 +415,11 @@ def broker(settings) -> None:
     the rest ERROR, then workers are told to go; a second signal stops at once.
     See it run with `fer-swarm status`, or scrape --metrics-port with Prometheus.
     """
-    import signal
-
     from .broker import Broker
 
     server = Broker(settings)
-    # The first SIGTERM or Ctrl-C drains (new jobs BUSY, jobs in hand finish for up to --drain-grace-s);
-    # a second one stops at once, still answering every job.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: server.stop())
-    try:
-        server.serve()
+    try:  # a second signal interrupts serve(), whose finally still answers every job ERROR
+        _serve(server)
     finally:
         server.close()
 
