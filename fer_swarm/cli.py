@@ -180,7 +180,8 @@ def train(
     val_fraction: float = typer.Option(0.1, help="Fraction of each class held out for validation when --val is not given."),
     epochs: int = typer.Option(40, min=1, help="Training epochs (the learning rate follows a cosine over them)."),
     batch_size: int = typer.Option(128, min=1, help="Images per training step."),
-    learning_rate: float = typer.Option(2e-3, help="Peak learning rate (AdamW), reached after 2 warm-up epochs."),
+    learning_rate: float = typer.Option(2e-3, help="Peak learning rate (AdamW), reached after --warmup-epochs."),
+    warmup_epochs: int = typer.Option(2, min=0, help="Epochs of linear warm-up before the cosine decay."),
     arch: str = typer.Option("vgg", help="Network: 'vgg' (fer-vgg, 96 MMAC per pass), 'res' (bottleneck residual + squeeze-excitation, 41 MMAC), 'sep' (depthwise-separable, 44 MMAC; slow to train on CPU) or 'tiny' (tests and smoke runs)."),
     image_size: int = typer.Option(48, min=16, help="Side of the square gray input, in pixels."),
     class_weight_power: float = typer.Option(0.5, help="Class-imbalance weighting: 0 none, 1 fully balanced."),
@@ -190,6 +191,7 @@ def train(
     flip_average: bool = typer.Option(False, "--flip-average", help="Export a model that averages its answer on the face and its mirror image (twice the inference time)."),
     model_version: str = typer.Option("1", help="Version string written into the sidecar and announced by workers."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this TFLite model (float input, same classes), e.g. models/fer-vgg.tflite, labels computed once by LiteRT before training."),
+    init_weights: Optional[Path] = typer.Option(None, "--init-weights", help="Start from an earlier run's weights (its RUN_DIR/best.weights.h5, same --arch) instead of random ones: a second cosine cycle, usually with a lower --learning-rate. Recorded with its SHA-256 in the sidecar."),
     distill_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the loss given to matching the teacher (the rest: the true labels)."),
     temperature: float = typer.Option(3.0, min=1.0, help="Distillation temperature: above 1 softens both models' answers so the teacher's second choices teach too."),
     label_smoothing: float = typer.Option(0.1, min=0.0, max=0.5, help="Share of each true label spread over the other classes (softer answers; 0 for none)."),
@@ -208,7 +210,7 @@ def train(
         fail(f"training needs TensorFlow: pip install 'fer-swarm[train]' ({e})")
     opts = TrainOptions(
         data_dir=data_dir, out=out, val_dir=val, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, arch=arch, image_size=image_size, class_weight_power=class_weight_power,
+        learning_rate=learning_rate, warmup_epochs=warmup_epochs, init_weights=init_weights, arch=arch, image_size=image_size, class_weight_power=class_weight_power,
         seed=seed, run_dir=run_dir, resume=resume, model_version=model_version, flip_average=flip_average,
         teacher=teacher, distill_weight=distill_weight, temperature=temperature, bf16=bf16,
         label_smoothing=label_smoothing,

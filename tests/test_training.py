@@ -117,3 +117,41 @@ def test_distilled_bf16_training_records_its_teacher_and_resumes(trained, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     other_teacher = run_cli(*args[:-7], "--bf16", "--resume")  # the same run without its teacher is another run
     assert other_teacher.returncode == 1 and "teacher" in error_lines(other_teacher.stderr)[0]
+
+
+def _first_kernel(weights_path, arch="tiny"):
+    from fer_swarm.training import arch as arch_mod
+
+    model = arch_mod.build(arch, 48, 3)  # the pattern set has three classes
+    model.load_weights(weights_path)
+    return next(w for w in model.get_weights() if w.ndim == 4)
+
+
+def test_warm_start_begins_from_the_given_weights_and_records_them(trained, tmp_path):
+    root, data, _, _ = trained
+    init = root / "run" / "best.weights.h5"
+    out = tmp_path / "again.tflite"
+    res = run_cli("train", str(data), "--out", str(out), "--epochs", "1", "--arch", "tiny", "--batch-size", "16",
+                  "--val-fraction", "0.25", "--run-dir", str(tmp_path / "run"), "--init-weights", str(init),
+                  "--learning-rate", "1e-9", "--warmup-epochs", "0")
+    assert res.returncode == 0, res.stderr[-3000:]
+    # At a learning rate of 1e-9 one epoch leaves the starting weights where they were, not where a fresh start is.
+    np.testing.assert_allclose(_first_kernel(tmp_path / "run" / "best.weights.h5"), _first_kernel(init), atol=1e-6)
+    card = load_card(out)
+    assert card.training["init_weights"]["path"] == str(init)
+    assert len(card.training["init_weights"]["sha256"]) == 64
+    assert card.training["learning_rate"] == 1e-9 and card.training["warmup_epochs"] == 0
+
+
+def test_warm_start_from_weights_of_another_network_is_one_error_line(trained, tmp_path):
+    root, data, _, _ = trained
+    res = run_cli("train", str(data), "--out", str(tmp_path / "m.tflite"), "--epochs", "1", "--arch", "res",
+                  "--val-fraction", "0.25", "--run-dir", str(tmp_path / "run"),
+                  "--init-weights", str(root / "run" / "best.weights.h5"))
+    assert res.returncode == 1
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and "does not fit --arch res" in lines[0], res.stderr[-2000:]
+    missing = run_cli("train", str(data), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny",
+                      "--val-fraction", "0.25", "--run-dir", str(tmp_path / "run2"),
+                      "--init-weights", str(tmp_path / "nope.weights.h5"))
+    assert missing.returncode == 1 and "no such file" in error_lines(missing.stderr)[0]

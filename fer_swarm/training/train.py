@@ -28,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 
 from .. import datasets  # noqa: E402
 from ..errors import DatasetError, FerSwarmError  # noqa: E402
+from ..model import sha256_file  # noqa: E402
 from . import arch as arch_mod  # noqa: E402
 from .augment import FaceAugment  # noqa: E402
 from .distill import DistillLoss, Teacher  # noqa: E402
@@ -55,6 +56,7 @@ class TrainOptions:
     resume: bool = False
     flip_average: bool = False
     teacher: Path | None = None
+    init_weights: Path | None = None
     distill_weight: float = 0.5
     temperature: float = 3.0
     bf16: bool = False
@@ -67,13 +69,15 @@ class TrainOptions:
     def identity(self) -> dict:
         """The options that must match for --resume to continue the same run."""
         keep = ("data_dir", "val_dir", "val_fraction", "batch_size", "arch", "image_size", "seed", "epochs",
-                "teacher", "distill_weight", "temperature", "bf16", "label_smoothing")
+                "teacher", "distill_weight", "temperature", "bf16", "label_smoothing", "init_weights",
+                "learning_rate", "warmup_epochs")
         return {k: str(v) for k, v in asdict(self).items() if k in keep}
 
 
 # What runs from before an option existed did, for --resume's comparison.
 _IDENTITY_BEFORE_OPTION = {"teacher": "None", "distill_weight": "0.5", "temperature": "3.0", "bf16": "False",
-                          "label_smoothing": "0.1"}
+                          "label_smoothing": "0.1", "init_weights": "None", "learning_rate": "0.002",
+                          "warmup_epochs": "2"}
 
 
 @dataclass
@@ -252,6 +256,8 @@ def train(opts: TrainOptions, *, verbose: int | None = None):
         log.info("resuming %s after epoch %d of %d", run_dir, state["epochs_done"], opts.epochs)
     else:
         model = arch_mod.build(opts.arch, opts.image_size, len(split.classes))
+        if opts.init_weights is not None:
+            _warm_start(model, opts)
         if teacher is None:
             loss, metric = keras.losses.CategoricalCrossentropy(label_smoothing=opts.label_smoothing), "accuracy"
         else:
@@ -276,6 +282,18 @@ def train(opts: TrainOptions, *, verbose: int | None = None):
         )
     model.load_weights(run_dir / "best.weights.h5")
     return model, split, state, run_dir
+
+
+def _warm_start(model: keras.Model, opts: TrainOptions) -> None:
+    """Start from an earlier run's weights (same --arch): a new cosine cycle over a trained network."""
+    path = opts.init_weights
+    if not path.is_file():
+        raise FerSwarmError(f"--init-weights {path}: no such file (an earlier run's best.weights.h5)")
+    try:
+        model.load_weights(path)
+    except (ValueError, KeyError, OSError) as e:
+        raise FerSwarmError(f"--init-weights {path} does not fit --arch {opts.arch}: {e}") from e
+    log.info("starting from the weights in %s", path)
 
 
 def _float32_copy(model: keras.Model, opts: TrainOptions, n_classes: int) -> keras.Model:
@@ -304,6 +322,11 @@ def run(opts: TrainOptions, *, verbose: int | None = None) -> dict:
             "flip_average": opts.flip_average,
             "bf16": opts.bf16,
             "label_smoothing": opts.label_smoothing,
+            "init_weights": None if opts.init_weights is None else {
+                "path": str(opts.init_weights), "sha256": sha256_file(opts.init_weights),
+            },
+            "learning_rate": opts.learning_rate,
+            "warmup_epochs": opts.warmup_epochs,
             "teacher": None if opts.teacher is None else {
                 "model": str(opts.teacher), "distill_weight": opts.distill_weight, "temperature": opts.temperature,
             },
