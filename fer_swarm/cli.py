@@ -210,8 +210,9 @@ def train(
         fail(f"training needs TensorFlow: pip install 'fer-swarm[train]' ({e})")
     opts = TrainOptions(
         data_dir=data_dir, out=out, val_dir=val, val_fraction=val_fraction, epochs=epochs, batch_size=batch_size,
-        learning_rate=learning_rate, warmup_epochs=warmup_epochs, init_weights=init_weights, arch=arch, image_size=image_size, class_weight_power=class_weight_power,
-        seed=seed, run_dir=run_dir, resume=resume, model_version=model_version, flip_average=flip_average,
+        learning_rate=learning_rate, warmup_epochs=warmup_epochs, init_weights=init_weights, arch=arch,
+        image_size=image_size, class_weight_power=class_weight_power, seed=seed, run_dir=run_dir, resume=resume,
+        model_version=model_version, flip_average=flip_average,
         teacher=teacher, distill_weight=distill_weight, temperature=temperature, bf16=bf16,
         label_smoothing=label_smoothing,
     )
