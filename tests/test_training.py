@@ -155,3 +155,66 @@ def test_warm_start_from_weights_of_another_network_is_one_error_line(trained, t
                       "--val-fraction", "0.25", "--run-dir", str(tmp_path / "run2"),
                       "--init-weights", str(tmp_path / "nope.weights.h5"))
     assert missing.returncode == 1 and "no such file" in error_lines(missing.stderr)[0]
+
+
+def test_weight_averaging_keeps_the_mean_of_the_epochs_from_average_from_across_a_resume(tmp_path):
+    from fer_swarm.training import arch as arch_mod
+    from fer_swarm.training.train import RunState
+
+    model = arch_mod.build("tiny", 48, 3)
+    rng = np.random.default_rng(0)
+    epochs = [[rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()] for _ in range(3)]
+    state = {"epochs_done": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "history": []}
+
+    def finish_epoch(callback, epoch):
+        model.set_weights(epochs[epoch])
+        callback.on_epoch_end(epoch, {"val_accuracy": 0.5})
+
+    first = RunState(tmp_path, state, 3, average_from=2)
+    first.set_model(model)
+    finish_epoch(first, 0)  # epoch 1: before --average-from, not in the mean
+    finish_epoch(first, 1)
+    resumed = RunState(tmp_path, json.loads((tmp_path / "state.json").read_text()), 3, average_from=2)
+    resumed.set_model(model)
+    finish_epoch(resumed, 2)
+
+    mean = arch_mod.build("tiny", 48, 3)
+    mean.load_weights(tmp_path / "average.weights.h5")  # batch-norm statistics are averaged as well
+    for got, two, three in zip(mean.get_weights(), epochs[1], epochs[2]):
+        np.testing.assert_allclose(got, (two + three) / 2, rtol=1e-5, atol=1e-6)
+    assert resumed.state["averaged"] == 2
+
+
+def test_averaged_run_exports_the_mean_and_records_it(trained, tmp_path):
+    root, data, _, _ = trained
+    out = tmp_path / "swa.tflite"
+    args = ("train", str(data), "--out", str(out), "--epochs", "2", "--arch", "tiny", "--batch-size", "16",
+            "--val-fraction", "0.25", "--run-dir", str(tmp_path / "run"))
+    res = run_cli(*args, "--average-from", "2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "mean of epochs 2-2" in res.stdout
+    # The mean of one epoch is that epoch: the last one, which need not be the best.
+    last = _keras_weights(tmp_path / "run" / "last.keras")
+    for got, want in zip(_weights(tmp_path / "run" / "average.weights.h5"), last):
+        np.testing.assert_array_equal(got, want)
+    card = load_card(out)
+    assert card.training["average_from"] == 2
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["averaged"] == 1 and 0 <= state["average_val_accuracy"] <= 1
+    late = run_cli(*args[:-2], "--run-dir", str(tmp_path / "run2"), "--average-from", "3")
+    assert late.returncode == 1
+    assert "--average-from 3: the run has epochs 1-2" in error_lines(late.stderr)[0]
+
+
+def _weights(weights_path, arch="tiny"):
+    from fer_swarm.training import arch as arch_mod
+
+    model = arch_mod.build(arch, 48, 3)
+    model.load_weights(weights_path)
+    return model.get_weights()
+
+
+def _keras_weights(path):
+    import keras
+
+    return keras.models.load_model(path, compile=False).get_weights()

@@ -4,7 +4,9 @@ A run lives in a run directory (``runs/NAME`` by default) that holds
 ``options.json`` (what was asked), ``last.keras`` (model and optimizer after
 the last finished epoch), ``best.weights.h5`` (the epoch with the best
 validation accuracy), ``state.json`` (epochs done, best so far, history) and
-``log.csv``. ``--resume`` continues from ``last.keras`` at the next epoch with
+``log.csv``; with ``--average-from`` also ``average.weights.h5`` (the running
+mean of the weights after each epoch from that one on, which is what the run
+exports). ``--resume`` continues from ``last.keras`` at the next epoch with
 the same learning-rate schedule, so an interrupted run ends where an
 uninterrupted one would have.
 """
@@ -57,6 +59,7 @@ class TrainOptions:
     flip_average: bool = False
     teacher: Path | None = None
     init_weights: Path | None = None
+    average_from: int = 0
     distill_weight: float = 0.5
     temperature: float = 3.0
     bf16: bool = False
@@ -70,14 +73,14 @@ class TrainOptions:
         """The options that must match for --resume to continue the same run."""
         keep = ("data_dir", "val_dir", "val_fraction", "batch_size", "arch", "image_size", "seed", "epochs",
                 "teacher", "distill_weight", "temperature", "bf16", "label_smoothing", "init_weights",
-                "learning_rate", "warmup_epochs")
+                "learning_rate", "warmup_epochs", "average_from")
         return {k: str(v) for k, v in asdict(self).items() if k in keep}
 
 
 # What runs from before an option existed did, for --resume's comparison.
 _IDENTITY_BEFORE_OPTION = {"teacher": "None", "distill_weight": "0.5", "temperature": "3.0", "bf16": "False",
                           "label_smoothing": "0.1", "init_weights": "None", "learning_rate": "0.002",
-                          "warmup_epochs": "2"}
+                          "warmup_epochs": "2", "average_from": "0"}
 
 
 @dataclass
@@ -147,13 +150,14 @@ def lr_at(epoch: int, opts: TrainOptions) -> float:
 
 
 class RunState(keras.callbacks.Callback):
-    """Checkpoint after every epoch and keep the best validation epoch's weights."""
+    """Checkpoint after every epoch, keep the best validation epoch's weights and, from ``average_from``, their mean."""
 
-    def __init__(self, run_dir: Path, state: dict, total_epochs: int):
+    def __init__(self, run_dir: Path, state: dict, total_epochs: int, average_from: int = 0):
         super().__init__()
         self.run_dir = run_dir
         self.state = state
         self.total = total_epochs
+        self.average_from = average_from
         self._t0 = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -169,6 +173,8 @@ class RunState(keras.callbacks.Callback):
         if val_acc > self.state["best_val_accuracy"]:
             self.state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1)
             self.model.save_weights(self.run_dir / "best.weights.h5")
+        if self.average_from and epoch + 1 >= self.average_from:
+            self._add_to_average()
         self.state["epochs_done"] = epoch + 1
         self.state["train_seconds"] = self.state.get("train_seconds", 0.0) + entry["seconds"]
         self.model.save(self.run_dir / "last.keras.tmp.keras")
@@ -180,6 +186,19 @@ class RunState(keras.callbacks.Callback):
             logs.get("val_loss", float("nan")), val_acc, self.state["best_val_accuracy"], self.state["best_epoch"],
             entry["seconds"],
         )
+
+    def _add_to_average(self) -> None:
+        """Stochastic weight averaging: fold this epoch's weights (batch-norm statistics too) into the running mean."""
+        n = self.state.get("averaged", 0)
+        current = self.model.get_weights()
+        shadow = keras.models.clone_model(self.model)
+        if n:
+            shadow.load_weights(self.run_dir / "average.weights.h5")
+            current = [m + (w - m) / (n + 1) for m, w in zip(shadow.get_weights(), current)]
+        shadow.set_weights(current)
+        shadow.save_weights(self.run_dir / "average.weights.tmp.weights.h5")
+        os.replace(self.run_dir / "average.weights.tmp.weights.h5", self.run_dir / "average.weights.h5")
+        self.state["averaged"] = n + 1
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -234,7 +253,9 @@ def _prepare_run_dir(opts: TrainOptions) -> tuple[Path, dict]:
 
 
 def train(opts: TrainOptions, *, verbose: int | None = None):
-    """Run (or resume) training; return the Keras model with the best validation weights, the split and run state."""
+    """Run (or resume) training; return the Keras model (best epoch's weights, or the mean), the split and run state."""
+    if not 0 <= opts.average_from <= opts.epochs:
+        raise FerSwarmError(f"--average-from {opts.average_from}: the run has epochs 1-{opts.epochs} (0: no averaging)")
     if opts.init_weights is not None and not opts.init_weights.is_file():  # before minutes of reading and labelling
         raise FerSwarmError(f"--init-weights {opts.init_weights}: no such file (an earlier run's best.weights.h5)")
     keras.utils.set_random_seed(opts.seed)
@@ -279,10 +300,20 @@ def train(opts: TrainOptions, *, verbose: int | None = None):
             callbacks=[
                 keras.callbacks.LearningRateScheduler(lambda e: lr_at(e, opts)),
                 keras.callbacks.CSVLogger(str(run_dir / "log.csv"), append=True),
-                RunState(run_dir, state, opts.epochs),
+                RunState(run_dir, state, opts.epochs, opts.average_from),
             ],
         )
-    model.load_weights(run_dir / "best.weights.h5")
+    if opts.average_from:
+        model.load_weights(run_dir / "average.weights.h5")
+        x_va = split.x_val[..., None].astype(np.float32)
+        pred = np.argmax(model.predict(x_va, batch_size=512, verbose=0), axis=1)
+        state["average_val_accuracy"] = float((pred == split.y_val).mean())
+        _write_json(run_dir / "state.json", state)
+        log.info("mean of the weights after epochs %d-%d: val_acc %.4f (best single epoch %.4f @ %d)",
+                 opts.average_from, opts.epochs, state["average_val_accuracy"], state["best_val_accuracy"],
+                 state["best_epoch"])
+    else:
+        model.load_weights(run_dir / "best.weights.h5")
     return model, split, state, run_dir
 
 
@@ -333,6 +364,7 @@ def run(opts: TrainOptions, *, verbose: int | None = None) -> dict:
             "params": int(model.count_params()),
             "epochs": opts.epochs,
             "best_epoch": state["best_epoch"],
+            "average_from": opts.average_from or None,
             "seed": opts.seed,
             "batch_size": opts.batch_size,
             "train_seconds": round(state.get("train_seconds", 0.0)),
@@ -359,6 +391,7 @@ def run(opts: TrainOptions, *, verbose: int | None = None) -> dict:
         "val_accuracy": shipped.report.accuracy,
         "val_macro_f1": shipped.report.macro_f1,
         "best_epoch": state["best_epoch"],
+        "average_from": opts.average_from or None,
         "epochs": opts.epochs,
         "train_seconds": state.get("train_seconds", 0.0),
         "wall_seconds_this_call": time.time() - t0,
