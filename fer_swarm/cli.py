@@ -245,7 +245,7 @@ def train(
 @friendly_errors
 def eval_(
     data_dir: Path = typer.Argument(..., help="Labelled images, one subfolder per class, class names as in the model's labels."),
-    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) (default: the shipped model). Repeat to score several side by side on the same faces; times are given as a ratio to the first."),
+    model: Optional[list[Path]] = typer.Option(None, "--model", "-m", help="TFLite model (sidecar beside it) or a shipped model's name, fer-res or fer-vgg (default: fer-res). Repeat to score several side by side on the same faces; times are given as a ratio to the first."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write the confusion matrix as a PNG heat map here (with several models: one per model, named PLOT-STEM-MODEL-NAME.png). Needs matplotlib: pip install 'fer-swarm\\[plot]'."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per model, one per line, instead of tables."),
 ) -> None:

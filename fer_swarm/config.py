@@ -78,7 +78,7 @@ class WorkerSettings(Settings):
     broker: str = Field("tcp://127.0.0.1:5556", description="The broker's backend endpoint to connect to.")
     threads: int = Field(1, ge=1, le=64, description="Inference threads, each with its own interpreter.")
     capacity: int = Field(0, ge=0, le=1024, description="Jobs the worker announces it can hold at once; 0 means 8 per thread. The broker sends only as many as the link needs (two per thread on a LAN, more over a slow link), up to this.")
-    model: Path | None = Field(None, description="TFLite model file (sidecar beside it); unset for the shipped model in models/.")
+    model: Path | None = Field(None, description="TFLite model file (sidecar beside it), or a shipped model's name: fer-res (the default, 41 MMAC per face) or fer-vgg (192 MMAC); unset for the default.")
     name: str = Field("", max_length=48, description="Worker name shown in logs and results; empty for HOST-PID.")
     heartbeat_interval_s: float = Field(1.0, gt=0, description="Seconds between heartbeats to the broker.")
     liveness: int = Field(3, ge=1, description="Heartbeat intervals of broker silence after which the worker reconnects.")

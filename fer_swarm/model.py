@@ -26,7 +26,8 @@ from .logs import native_output
 from .shipped import shipped
 
 SIDECAR_FORMAT = "fer-swarm-model/1"
-DEFAULT_MODEL = shipped("fer-vgg.tflite")
+DEFAULT_MODEL = shipped("fer-res.tflite")  # 41 MMAC per face (models/README.md)
+ACCURATE_MODEL = shipped("fer-vgg.tflite")  # the earlier default: 192 MMAC per face; `--model fer-vgg`
 
 
 class Preprocessing(BaseModel):
@@ -91,9 +92,23 @@ def runtime_name() -> str:
     return _interpreter_class().__module__.split(".")[0]
 
 
+def resolve_model(model_path: str | Path) -> Path:
+    """A model file's path, or the bare name of a shipped model (``fer-vgg``, ``fer-res.tflite``).
+
+    A path that exists, or that names a folder, is taken as it is; a bare name that is not a file
+    here is looked up among the shipped models (a checkout's ``models/`` or an installed wheel's),
+    so ``--model fer-vgg`` works wherever fer-swarm is installed.
+    """
+    path = Path(model_path)
+    if path.is_file() or path.parent != Path("."):
+        return path
+    found = shipped(path.name if path.suffix == ".tflite" else f"{path.name}.tflite")
+    return found if found.is_file() else path
+
+
 def load_card(model_path: str | Path) -> ModelCard:
-    """Read and validate the sidecar of ``model_path`` against the model file itself."""
-    model_path = Path(model_path)
+    """Read and validate the sidecar of ``model_path`` (a path or a shipped model's name) against the model file."""
+    model_path = resolve_model(model_path)
     if not model_path.is_file():
         raise ModelError(f"{model_path}: model file not found")
     data = model_path.read_bytes()
@@ -119,7 +134,7 @@ class Classifier:
     """One interpreter on one model. Not thread-safe: give each thread its own."""
 
     def __init__(self, model_path: str | Path = DEFAULT_MODEL, *, threads: int = 1, card: ModelCard | None = None):
-        self.path = Path(model_path)
+        self.path = resolve_model(model_path)
         self.card = card or load_card(self.path)
         try:
             with native_output():  # LiteRT's INFO banner becomes a log record (hidden by -q)

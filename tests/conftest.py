@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FER2013 = ROOT.parent / "shared" / "datasets" / "fer2013"
-SHIPPED_MODEL = ROOT / "models" / "fer-vgg.tflite"
+SHIPPED_MODEL = ROOT / "models" / "fer-res.tflite"
 
 
 def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:

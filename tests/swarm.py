@@ -190,4 +190,4 @@ def real_faces(n: int) -> list[np.ndarray]:
     return [crops[i % len(crops)] for i in range(n)]
 
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-vgg.tflite"
+MODEL = Path(__file__).resolve().parent.parent / "models" / "fer-res.tflite"

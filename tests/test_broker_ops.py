@@ -58,7 +58,7 @@ def test_status_report_names_workers_clients_queue_and_latency():
             worker.stop()
             broker.stop()
     (w,) = report["workers"]
-    assert w["name"] == "pi-test" and w["host"] == "127.0.0.1" and w["model"] == "fer-vgg:1"
+    assert w["name"] == "pi-test" and w["host"] == "127.0.0.1" and w["model"] == "fer-res:1"
     assert w["done"] == 5 and w["in_flight"] == 0 and w["capacity"] >= w["credits"] >= 1
     assert w["service_ms"] > 0 and w["link_ms"] >= 0 and w["heartbeat_age_s"] < 30
     (c,) = [c for c in report["clients"] if c["stream"] == "cam-status"]

@@ -5,13 +5,14 @@ from pathlib import Path
 
 from fer_swarm import shipped as shipped_mod
 from fer_swarm.faces import YUNET_MODEL
-from fer_swarm.model import DEFAULT_MODEL
+from fer_swarm.model import ACCURATE_MODEL, DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_checkout_copy_is_used_when_there_is_one():
-    assert DEFAULT_MODEL == ROOT / "models" / "fer-vgg.tflite" and DEFAULT_MODEL.is_file()
+    assert DEFAULT_MODEL == ROOT / "models" / "fer-res.tflite" and DEFAULT_MODEL.is_file()
+    assert ACCURATE_MODEL == ROOT / "models" / "fer-vgg.tflite" and ACCURATE_MODEL.is_file()
     assert YUNET_MODEL == ROOT / "models" / "face_detection_yunet_2023mar.onnx" and YUNET_MODEL.is_file()
 
 

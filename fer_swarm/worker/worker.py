@@ -54,7 +54,7 @@ from .. import security, telemetry, transport
 from ..config import WorkerSettings
 from ..errors import ProtocolError, TransportError
 from ..linkwatch import Backoff, Change, LinkWatch, Liveness, foreign_version
-from ..model import DEFAULT_MODEL, load_card
+from ..model import DEFAULT_MODEL, load_card, resolve_model
 from .inference import InferencePool
 from .metrics import WorkerMetrics
 
@@ -76,7 +76,7 @@ class Worker:
         self._own_context = context is None
         self.ctx = context or zmq.Context()
         self.name = settings.name or f"{socket.gethostname()}-{os.getpid()}"
-        self.model_path = settings.model or DEFAULT_MODEL
+        self.model_path = resolve_model(settings.model or DEFAULT_MODEL)
         self.card = load_card(self.model_path)
         self.capacity = min(1024, settings.capacity or JOBS_PER_THREAD * settings.threads)
         self.max_in_hand = IN_HAND_PER_CREDIT * self.capacity
