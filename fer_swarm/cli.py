@@ -315,7 +315,7 @@ def _print_comparison(results: list[dict]) -> None:
             f"{r['size_bytes'] / 1024:.0f}", f"{100 * r['accuracy']:.2f}", f"{r['macro_f1']:.3f}",
             f"{r['ms_per_face_median']:.3f}", f"{r['ms_per_face_median'] / base:.2f}",
         )
-    console.print(table)
+    Console(width=max(console.width, 120)).print(table)  # figures cut to "0.6…" in a log or a pipe help nobody
 
 
 # --------------------------------------------------------------------------- dataset crop

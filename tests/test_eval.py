@@ -56,8 +56,8 @@ def test_eval_text_report_and_unreadable_image(fer_sample, shipped_model):
     assert "1 unreadable" in res.stderr
 
 
-def _model_copy(shipped_model, tmp_path):
-    dst = tmp_path / "m.tflite"
+def _model_copy(shipped_model, tmp_path, name="m"):
+    dst = tmp_path / f"{name}.tflite"
     shutil.copy(shipped_model, dst)
     shutil.copy(shipped_model.with_suffix(".json"), dst.with_suffix(".json"))
     return dst
@@ -121,7 +121,7 @@ def test_eval_reports_compute_beside_accuracy(fer_sample, shipped_model):
 
 
 def test_eval_scores_several_models_side_by_side(fer_sample, shipped_model, tmp_path):
-    other = _model_copy(shipped_model, tmp_path)
+    other = _model_copy(shipped_model, tmp_path, name="fer-res-dynamic-second-cycle")  # a run's long export name
     res = run_cli("eval", str(fer_sample), "--model", str(shipped_model), "--model", str(other), "--json")
     assert res.returncode == 0, res.stderr
     first, second = (json.loads(line) for line in res.stdout.splitlines())
@@ -132,6 +132,8 @@ def test_eval_scores_several_models_side_by_side(fer_sample, shipped_model, tmp_
     assert text.returncode == 0, text.stderr
     assert "side by side" in text.stdout and "ratio" in text.stdout and "MMAC" in text.stdout
     assert text.stdout.count("1.00") >= 1  # the first model's ratio to itself
+    table = text.stdout.split("side by side")[1]
+    assert "…" not in table and f"{first['macro_f1']:.3f}" in table  # whole figures, also in a pipe or a log
 
 
 def test_eval_refuses_models_that_cannot_see_the_same_faces(fer_sample, shipped_model, tmp_path):
