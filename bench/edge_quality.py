@@ -9,7 +9,7 @@ time), scores every run against the clip's truth, prints one table and writes
 OUT/quality.json. A variant is a name and the extra edge flags it runs with.
 
     python bench/edge_quality.py [--variants today] [--clips still,moving,changing] [--seed 0]
-        [--source ../shared/datasets/fer2013/val] [--out bench-out/quality] [--realtime]
+        [--source ../shared/datasets/fer2013/val] [--out bench-out/quality] [--realtime] [--model fer-vgg]
 
 Edge fps comes from the edge's own summary (frames shown over its loop's
 wall time, start-up not counted). Off real time (the default) the edge
@@ -41,6 +41,7 @@ from pathlib import Path
 from fer_swarm.bench.clips import KINDS, make_clips
 from fer_swarm.bench.quality import ideal_labels, print_table, read_jsonl, score
 from fer_swarm.launch import swarm
+from fer_swarm.model import DEFAULT_MODEL, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # The last commit before issue 10's edge work: Haar, a label per frame, every face sent every frame.
@@ -172,6 +173,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "quality")
     ap.add_argument("--workers", type=int, default=2, help="one-thread worker processes")
+    ap.add_argument("--model", default=None,
+                    help="the workers' model, a path or a shipped model's name (default: the default model)")
     ap.add_argument("--realtime", action="store_true",
                     help="read the clips at their own frame rate, as a camera would be (the edge drops frames "
                          "when behind, and a dropped frame scores as faces not found); default: every frame")
@@ -189,18 +192,20 @@ def main() -> None:
           flush=True)
     truths = {k: read_jsonl(c.truth) for k, c in clips.items()}
     metas = {k: json.loads(c.meta.read_text()) for k, c in clips.items()}
-    ideals = {k: ideal_labels(truths[k], metas[k]["source"]) for k in kinds}  # the workers' (shipped) model
+    model = resolve_model(args.model or DEFAULT_MODEL).resolve()  # absolute: the children may run elsewhere
+    ideals = {k: ideal_labels(truths[k], metas[k]["source"], model) for k in kinds}  # the workers' model
 
     rows = []
     for rev in dict.fromkeys(VARIANTS[v].rev for v in variants):  # one swarm per code revision, in order
-        with code(rev, out / "code"), swarm(args.workers, worker_args=("--threads", "1")) as (front, _):
+        with code(rev, out / "code"), swarm(args.workers, worker_args=("--threads", "1", "--model", str(model))) as (front, _):
             wait_for_workers(front, args.workers)
             rows += run_variants(front, [v for v in variants if VARIANTS[v].rev == rev], clips, truths, metas,
                                  ideals, out, args.realtime)
     took = round(time.monotonic() - started, 1)
-    print_table(rows, title=f"edge quality: broker + {args.workers} one-thread workers, seed {args.seed}, "
+    print_table(rows, title=f"edge quality: broker + {args.workers} one-thread workers on {model.stem}, seed {args.seed}, "
                 f"{'real time' if args.realtime else 'every frame'} ({took} s)")
     result = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seed": args.seed, "source": str(source),
+              "model": str(model),
               "realtime": args.realtime,
               "workers": args.workers, "threads_per_worker": 1, "seconds": took, "cpus": os.cpu_count(),
               # Other work on the machine slows the edge: fps figures are only comparable at similar load.
