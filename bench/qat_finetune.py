@@ -108,7 +108,7 @@ def finetune(float_model: keras.Model, x_train: np.ndarray, y_train: np.ndarray,
     training faces under the training augmentation, with a cosine decay of
     ``learning_rate`` over ``steps``.
     """
-    from .augment import FaceAugment
+    from fer_swarm.training.augment import FaceAugment
 
     teacher = keras.models.clone_model(float_model)
     teacher.set_weights(float_model.get_weights())
