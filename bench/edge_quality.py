@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "quality")
     ap.add_argument("--workers", type=int, default=2, help="one-thread worker processes")
     ap.add_argument("--model", default=None,
-                    help="the workers' model, a path or a shipped model's name (default: the default model)")
+                    help="the workers' model, a path or a shipped model's name (default: fer-res)")
     ap.add_argument("--realtime", action="store_true",
                     help="read the clips at their own frame rate, as a camera would be (the edge drops frames "
                          "when behind, and a dropped frame scores as faces not found); default: every frame")

@@ -192,7 +192,7 @@ def train(
     model_version: str = typer.Option("1", help="Version string written into the sidecar and announced by workers."),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this TFLite model (float input, same classes), e.g. models/fer-vgg.tflite, labels computed once by LiteRT before training."),
     init_weights: Optional[Path] = typer.Option(None, "--init-weights", help="Start from an earlier run's weights (its RUN_DIR/best.weights.h5, same --arch) instead of random ones: a second cosine cycle, usually with a lower --learning-rate. Recorded with its SHA-256 in the sidecar."),
-    average_from: int = typer.Option(0, min=0, help="Stochastic weight averaging: export the mean of the weights after each epoch from this one (1-based) to the last, instead of the best epoch's; 0 for none. Flatter, usually a little more accurate."),
+    average_from: int = typer.Option(0, min=0, help="Stochastic weight averaging: export the mean of the weights after each epoch from this one (1-based) to the last, instead of the best epoch's (no epoch is picked on the validation set); 0 for none."),
     distill_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the loss given to matching the teacher (the rest: the true labels)."),
     temperature: float = typer.Option(3.0, min=1.0, help="Distillation temperature: above 1 softens both models' answers so the teacher's second choices teach too."),
     label_smoothing: float = typer.Option(0.1, min=0.0, max=0.5, help="Share of each true label spread over the other classes (softer answers; 0 for none)."),
@@ -315,7 +315,8 @@ def _print_comparison(results: list[dict]) -> None:
             f"{r['size_bytes'] / 1024:.0f}", f"{100 * r['accuracy']:.2f}", f"{r['macro_f1']:.3f}",
             f"{r['ms_per_face_median']:.3f}", f"{r['ms_per_face_median'] / base:.2f}",
         )
-    Console(width=max(console.width, 120)).print(table)  # figures cut to "0.6…" in a log or a pipe help nobody
+    # Figures cut to "0.6…" in a log or a pipe help nobody; a terminal keeps its own width.
+    Console(width=None if console.is_terminal else max(console.width, 120)).print(table)
 
 
 # --------------------------------------------------------------------------- dataset crop
@@ -327,7 +328,7 @@ def dataset_crop(
     raw_dir: Path = typer.Argument(..., help="Photos, one subfolder per class."),
     out_dir: Path = typer.Argument(..., help="Where to write OUT_DIR/CLASS/PHOTO-N.png face crops."),
     model: Optional[Path] = typer.Option(None, help="The model the crops are for: its sidecar gives the crop size "
-                                                    "and framing. Default: the shipped model."),
+                                                    "and framing; a path or a shipped model's name. Default: fer-res."),
     detector: str = typer.Option("yunet", help="Face detector: yunet or haar (as the edge's --detector)."),
     detect_width: int = typer.Option(640, min=0, help="Detect on a copy scaled to this width in pixels (0: full size); crops are always cut at full size."),
 ) -> None:

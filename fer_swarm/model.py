@@ -92,17 +92,20 @@ def runtime_name() -> str:
     return _interpreter_class().__module__.split(".")[0]
 
 
-def resolve_model(model_path: str | Path) -> Path:
-    """A model file's path, or the bare name of a shipped model (``fer-vgg``, ``fer-res.tflite``).
+SHIPPED_NAMES = ("fer-res", "fer-vgg")
 
-    A path that exists, or that names a folder, is taken as it is; a bare name that is not a file
-    here is looked up among the shipped models (a checkout's ``models/`` or an installed wheel's),
-    so ``--model fer-vgg`` works wherever fer-swarm is installed.
+
+def resolve_model(model_path: str | Path) -> Path:
+    """A model file's path, or the name of a shipped model (``fer-res``, ``fer-vgg``) for its file.
+
+    Anything that exists here, or has a folder or a suffix (``models/x.tflite``, ``x.tflite``), is a
+    path and is taken as it is; a bare name is looked up among the shipped models (a checkout's
+    ``models/`` or an installed wheel's), so ``--model fer-vgg`` works wherever fer-swarm is installed.
     """
     path = Path(model_path)
-    if path.is_file() or path.parent != Path("."):
+    if path.exists() or path.parent != Path(".") or path.suffix or str(model_path).startswith("."):
         return path
-    found = shipped(path.name if path.suffix == ".tflite" else f"{path.name}.tflite")
+    found = shipped(f"{path.name}.tflite")
     return found if found.is_file() else path
 
 
@@ -110,7 +113,8 @@ def load_card(model_path: str | Path) -> ModelCard:
     """Read and validate the sidecar of ``model_path`` (a path or a shipped model's name) against the model file."""
     model_path = resolve_model(model_path)
     if not model_path.is_file():
-        raise ModelError(f"{model_path}: model file not found")
+        named = "" if model_path.suffix else f", nor a shipped model (those are {', '.join(SHIPPED_NAMES)})"
+        raise ModelError(f"{model_path}: model file not found{named}")
     data = model_path.read_bytes()
     if len(data) < 8 or data[4:8] != b"TFL3":
         raise ModelError(f"{model_path}: not a TFLite model (no TFL3 flatbuffer identifier)")

@@ -163,26 +163,36 @@ def test_weight_averaging_keeps_the_mean_of_the_epochs_from_average_from_across_
 
     model = arch_mod.build("tiny", 48, 3)
     rng = np.random.default_rng(0)
-    epochs = [[rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()] for _ in range(3)]
+    epochs = [[rng.normal(size=w.shape).astype(np.float32) for w in model.get_weights()] for _ in range(4)]
     state = {"epochs_done": 0, "best_val_accuracy": -1.0, "best_epoch": 0, "history": []}
 
-    def finish_epoch(callback, epoch):
-        model.set_weights(epochs[epoch])
+    def finish_epoch(callback, epoch, weights):
+        model.set_weights(weights)
         callback.on_epoch_end(epoch, {"val_accuracy": 0.5})
+
+    def resumed():
+        callback = RunState(tmp_path, json.loads((tmp_path / "state.json").read_text()), 3, average_from=2)
+        callback.set_model(model)
+        return callback
 
     first = RunState(tmp_path, state, 3, average_from=2)
     first.set_model(model)
-    finish_epoch(first, 0)  # epoch 1: before --average-from, not in the mean
-    finish_epoch(first, 1)
-    resumed = RunState(tmp_path, json.loads((tmp_path / "state.json").read_text()), 3, average_from=2)
-    resumed.set_model(model)
-    finish_epoch(resumed, 2)
+    finish_epoch(first, 0, epochs[0])  # epoch 1: before --average-from, not in the mean
+    finish_epoch(first, 1, epochs[1])
+    # Killed during epoch 3's bookkeeping: its mean was written, state.json not. The resumed run trains epoch 3
+    # again (other weights); the mean must hold epochs 2 and the retrained 3, each once.
+    crashed = resumed()
+    model.set_weights(epochs[2])
+    crashed._add_to_average(3)  # noqa: SLF001
+    again = resumed()
+    finish_epoch(again, 2, epochs[3])
 
     mean = arch_mod.build("tiny", 48, 3)
-    mean.load_weights(tmp_path / "average.weights.h5")  # batch-norm statistics are averaged as well
-    for got, two, three in zip(mean.get_weights(), epochs[1], epochs[2]):
+    mean.load_weights(tmp_path / again.state["average_file"])  # batch-norm statistics are averaged as well
+    for got, two, three in zip(mean.get_weights(), epochs[1], epochs[3]):
         np.testing.assert_allclose(got, (two + three) / 2, rtol=1e-5, atol=1e-6)
-    assert resumed.state["averaged"] == 2
+    assert again.state["averaged"] == 2
+    assert sorted(p.name for p in tmp_path.glob("average-*")) == ["average-003.weights.h5"]  # the old mean is gone
 
 
 def test_averaged_run_exports_the_mean_and_records_it(trained, tmp_path):

@@ -7,7 +7,7 @@ its cost sits at 24x24 and 12x12, where a face's expression features
 (mouth, brows, eyes) are a few pixels wide; a full-resolution second conv
 would cost a quarter more time for little accuracy.
 
-``res`` and ``sep`` are candidates for the Raspberry Pi (``res`` 41.4 MMAC
+``res`` (the shipped default, fer-res) and ``sep`` are networks for the Raspberry Pi (``res`` 41.4 MMAC
 per face, ``sep`` 44.1; fer-vgg: 96 per pass), with fer-vgg's stages and
 depth, residual blocks and squeeze-excitation. ``sep`` makes each 3x3
 convolution depthwise-separable (a 3x3 per channel, then a 1x1 mix: 9*C +

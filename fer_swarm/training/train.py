@@ -4,11 +4,12 @@ A run lives in a run directory (``runs/NAME`` by default) that holds
 ``options.json`` (what was asked), ``last.keras`` (model and optimizer after
 the last finished epoch), ``best.weights.h5`` (the epoch with the best
 validation accuracy), ``state.json`` (epochs done, best so far, history) and
-``log.csv``; with ``--average-from`` also ``average.weights.h5`` (the running
-mean of the weights after each epoch from that one on, which is what the run
-exports). ``--resume`` continues from ``last.keras`` at the next epoch with
-the same learning-rate schedule, so an interrupted run ends where an
-uninterrupted one would have.
+``log.csv``; with ``--average-from`` also ``average-NNN.weights.h5`` (the
+running mean of the weights after each epoch from that one on, up to epoch
+NNN), copied to ``average.weights.h5`` at the end: what the run exports.
+``--resume`` continues from ``last.keras`` at the next epoch with the same
+learning-rate schedule, so an interrupted run ends where an uninterrupted one
+would have.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -173,13 +175,14 @@ class RunState(keras.callbacks.Callback):
         if val_acc > self.state["best_val_accuracy"]:
             self.state.update(best_val_accuracy=val_acc, best_epoch=epoch + 1)
             self.model.save_weights(self.run_dir / "best.weights.h5")
-        if self.average_from and epoch + 1 >= self.average_from:
-            self._add_to_average()
+        replaced = self._add_to_average(epoch + 1) if self.average_from and epoch + 1 >= self.average_from else None
         self.state["epochs_done"] = epoch + 1
         self.state["train_seconds"] = self.state.get("train_seconds", 0.0) + entry["seconds"]
         self.model.save(self.run_dir / "last.keras.tmp.keras")
         os.replace(self.run_dir / "last.keras.tmp.keras", self.run_dir / "last.keras")
-        _write_json(self.run_dir / "state.json", self.state)
+        _write_json(self.run_dir / "state.json", self.state)  # the commit point: a resume starts from what it names
+        if replaced is not None:
+            replaced.unlink(missing_ok=True)
         log.info(
             "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  (best %.4f @ %d)  %.0fs",
             epoch + 1, self.total, logs.get("loss", float("nan")), logs.get("accuracy", float("nan")),
@@ -187,18 +190,26 @@ class RunState(keras.callbacks.Callback):
             entry["seconds"],
         )
 
-    def _add_to_average(self) -> None:
-        """Stochastic weight averaging: fold this epoch's weights (batch-norm statistics too) into the running mean."""
+    def _add_to_average(self, epoch: int) -> Path | None:
+        """Stochastic weight averaging: fold this epoch's weights (batch-norm statistics too) into the running mean.
+
+        The mean goes to a new file named by the epoch, which state.json names once it is written, so a run
+        killed in between resumes from the previous mean and count. Returns the file this one replaces.
+        """
         n = self.state.get("averaged", 0)
         current = self.model.get_weights()
-        shadow = keras.models.clone_model(self.model)
-        if n:
-            shadow.load_weights(self.run_dir / "average.weights.h5")
+        shadow = keras.Model.from_config(self.model.get_config())  # uncompiled: the file holds weights only
+        previous = self.run_dir / self.state["average_file"] if n else None
+        if previous is not None:
+            if not previous.is_file():
+                raise FerSwarmError(f"{previous}: the running mean of {n} epochs that state.json names is missing")
+            shadow.load_weights(previous)
             current = [m + (w - m) / (n + 1) for m, w in zip(shadow.get_weights(), current)]
         shadow.set_weights(current)
-        shadow.save_weights(self.run_dir / "average.weights.tmp.weights.h5")
-        os.replace(self.run_dir / "average.weights.tmp.weights.h5", self.run_dir / "average.weights.h5")
-        self.state["averaged"] = n + 1
+        name = f"average-{epoch:03d}.weights.h5"
+        shadow.save_weights(self.run_dir / name)
+        self.state.update(averaged=n + 1, average_file=name)
+        return previous if previous is not None and previous.name != name else None
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -304,6 +315,7 @@ def train(opts: TrainOptions, *, verbose: int | None = None):
             ],
         )
     if opts.average_from:
+        shutil.copyfile(run_dir / state["average_file"], run_dir / "average.weights.h5")
         model.load_weights(run_dir / "average.weights.h5")
         x_va = split.x_val[..., None].astype(np.float32)
         pred = np.argmax(model.predict(x_va, batch_size=512, verbose=0), axis=1)
