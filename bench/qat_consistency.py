@@ -28,50 +28,29 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from qat_finetune import with_fake_quant  # noqa: E402  (bench/ is on the path when run as a script)
+from qat_finetune import CE, KL, fine_tune, with_fake_quant  # noqa: E402  (bench/ is on sys.path)
 
 from fer_swarm import datasets  # noqa: E402
 from fer_swarm.training import arch as arch_mod  # noqa: E402
 from fer_swarm.training import export as export_mod  # noqa: E402
-from fer_swarm.training.augment import FaceAugment  # noqa: E402
 
 
 def finetune(model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, representative: np.ndarray, *,
-             steps: int, lam: float, learning_rate: float, seed: int = 7, batch_size: int = 128) -> None:
+             steps: int, lam: float, learning_rate: float) -> None:
     """Fine-tune ``model`` in place so that it and its fake-quantized twin agree (see the module docstring)."""
-    teacher = keras.models.clone_model(model)
-    teacher.set_weights(model.get_weights())
     twin = with_fake_quant(model, representative)  # shares the layers, so the weights, of ``model``
-    aug = FaceAugment(x_train.shape[1], seed)
-    ds = (tf.data.Dataset.from_tensor_slices((x_train[..., None].astype(np.float32), y_train.astype(np.int32)))
-          .shuffle(len(x_train), seed=seed).repeat().batch(batch_size)
-          .map(lambda x, y: (aug(x)[0], y)).prefetch(2))
-    opt = keras.optimizers.Adam(learning_rate)
-    kl, ce = keras.losses.KLDivergence(), keras.losses.SparseCategoricalCrossentropy()
 
-    @tf.function
-    def step(x, y):
-        target = teacher(x, training=False)
-        with tf.GradientTape() as tape:
-            p_float, p_int8 = model(x, training=False), twin(x, training=False)
-            loss = kl(target, p_float) + 0.3 * ce(y, p_float) + lam * 0.5 * (kl(p_float, p_int8) + kl(p_int8, p_float))
-        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
-        return loss
+    def loss_of(x, y, target):
+        p_float, p_int8 = model(x, training=False), twin(x, training=False)
+        return KL(target, p_float) + 0.3 * CE(y, p_float) + lam * 0.5 * (KL(p_float, p_int8) + KL(p_int8, p_float))
 
-    t0 = time.time()
-    for i, (x, y) in enumerate(ds.take(steps)):
-        opt.learning_rate.assign(learning_rate * 0.5 * (1 + np.cos(np.pi * i / steps)))
-        loss = step(x, y)
-        if i % 100 == 0:
-            print(f"step {i}/{steps}  loss {float(loss):.4f}  {time.time() - t0:.0f} s", flush=True)
+    fine_tune(model, loss_of, x_train, y_train, steps=steps, learning_rate=learning_rate)
 
 
 def main() -> None:

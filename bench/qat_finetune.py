@@ -23,6 +23,8 @@ their moving statistics into the convolutions.
 
 from __future__ import annotations
 
+import time
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -97,6 +99,42 @@ def with_fake_quant(model: keras.Model, representative: np.ndarray, batch_size: 
     return keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
 
 
+KL, CE = keras.losses.KLDivergence(), keras.losses.SparseCategoricalCrossentropy()
+
+
+def fine_tune(model: keras.Model, loss_of, x_train: np.ndarray, y_train: np.ndarray, *, steps: int,
+              learning_rate: float, seed: int = 7, batch_size: int = 128, report_every: int = 100) -> None:
+    """Adam on ``model``'s trainable weights for ``steps`` batches of augmented training faces, the rate on a cosine.
+
+    ``loss_of(x, y, target)`` gives the batch loss, ``target`` being the answers of a frozen copy of
+    ``model`` as it was before fine-tuning (the teacher it is held to).
+    """
+    from fer_swarm.training.augment import FaceAugment
+
+    teacher = keras.models.clone_model(model)
+    teacher.set_weights(model.get_weights())
+    aug = FaceAugment(x_train.shape[1], seed)
+    ds = (tf.data.Dataset.from_tensor_slices((x_train[..., None].astype(np.float32), y_train.astype(np.int32)))
+          .shuffle(len(x_train), seed=seed).repeat().batch(batch_size)
+          .map(lambda x, y: (aug(x)[0], y)).prefetch(2))
+    opt = keras.optimizers.Adam(learning_rate)
+
+    @tf.function
+    def step(x, y):
+        target = teacher(x, training=False)
+        with tf.GradientTape() as tape:
+            loss = loss_of(x, y, target)
+        opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+        return loss
+
+    t0 = time.time()
+    for i, (x, y) in enumerate(ds.take(steps)):
+        opt.learning_rate.assign(learning_rate * 0.5 * (1 + np.cos(np.pi * i / steps)))
+        loss = step(x, y)
+        if i % report_every == 0:
+            print(f"step {i}/{steps}  loss {float(loss):.4f}  {time.time() - t0:.0f} s", flush=True)
+
+
 def finetune(float_model: keras.Model, x_train: np.ndarray, y_train: np.ndarray, representative: np.ndarray, *,
              steps: int, learning_rate: float = 1e-4, label_weight: float = 0.3, seed: int = 7,
              batch_size: int = 128) -> keras.Model:
@@ -108,28 +146,12 @@ def finetune(float_model: keras.Model, x_train: np.ndarray, y_train: np.ndarray,
     training faces under the training augmentation, with a cosine decay of
     ``learning_rate`` over ``steps``.
     """
-    from fer_swarm.training.augment import FaceAugment
+    qat = with_fake_quant(float_model, representative)  # shares float_model's layers, so its weights
 
-    teacher = keras.models.clone_model(float_model)
-    teacher.set_weights(float_model.get_weights())
-    qat = with_fake_quant(float_model, representative)
-    aug = FaceAugment(x_train.shape[1], seed)
-    ds = (tf.data.Dataset.from_tensor_slices((x_train[..., None].astype(np.float32), y_train.astype(np.int32)))
-          .shuffle(len(x_train), seed=seed).repeat().batch(batch_size)
-          .map(lambda x, y: (aug(x)[0], y)).prefetch(2))
-    opt = keras.optimizers.Adam(learning_rate)
-    kl, ce = keras.losses.KLDivergence(), keras.losses.SparseCategoricalCrossentropy()
+    def loss_of(x, y, target):
+        p = qat(x, training=True)
+        return KL(target, p) + label_weight * CE(y, p)
 
-    @tf.function
-    def step(x, y):
-        target = teacher(x, training=False)
-        with tf.GradientTape() as tape:
-            p = qat(x, training=True)
-            loss = kl(target, p) + label_weight * ce(y, p)
-        opt.apply_gradients(zip(tape.gradient(loss, qat.trainable_variables), qat.trainable_variables))
-        return loss
-
-    for i, (x, y) in enumerate(ds.take(steps)):
-        opt.learning_rate.assign(learning_rate * 0.5 * (1 + np.cos(np.pi * i / steps)))
-        step(x, y)
+    fine_tune(float_model, loss_of, x_train, y_train, steps=steps, learning_rate=learning_rate, seed=seed,
+              batch_size=batch_size)
     return qat
