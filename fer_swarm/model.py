@@ -92,7 +92,7 @@ def runtime_name() -> str:
     return _interpreter_class().__module__.split(".")[0]
 
 
-SHIPPED_NAMES = ("fer-res", "fer-vgg")
+SHIPPED_NAMES = (DEFAULT_MODEL.stem, ACCURATE_MODEL.stem)
 
 
 def resolve_model(model_path: str | Path) -> Path:

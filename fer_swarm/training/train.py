@@ -160,6 +160,8 @@ class RunState(keras.callbacks.Callback):
         self.state = state
         self.total = total_epochs
         self.average_from = average_from
+        self._mean: list[np.ndarray] | None = None  # the running mean, read from its file only after a resume
+        self._shadow: keras.Model | None = None  # an uncompiled twin that saves it: the file holds weights only
         self._t0 = time.time()
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -198,16 +200,20 @@ class RunState(keras.callbacks.Callback):
         """
         n = self.state.get("averaged", 0)
         current = self.model.get_weights()
-        shadow = keras.Model.from_config(self.model.get_config())  # uncompiled: the file holds weights only
+        if self._shadow is None:
+            self._shadow = keras.Model.from_config(self.model.get_config())
         previous = self.run_dir / self.state["average_file"] if n else None
-        if previous is not None:
+        if previous is not None and self._mean is None:
             if not previous.is_file():
                 raise FerSwarmError(f"{previous}: the running mean of {n} epochs that state.json names is missing")
-            shadow.load_weights(previous)
-            current = [m + (w - m) / (n + 1) for m, w in zip(shadow.get_weights(), current)]
-        shadow.set_weights(current)
+            self._shadow.load_weights(previous)
+            self._mean = self._shadow.get_weights()
+        if self._mean is not None:
+            current = [m + (w - m) / (n + 1) for m, w in zip(self._mean, current)]
+        self._mean = current
+        self._shadow.set_weights(current)
         name = f"average-{epoch:03d}.weights.h5"
-        shadow.save_weights(self.run_dir / name)
+        self._shadow.save_weights(self.run_dir / name)
         self.state.update(averaged=n + 1, average_file=name)
         return previous if previous is not None and previous.name != name else None
 
