@@ -190,7 +190,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last finished epoch."),
     flip_average: bool = typer.Option(False, "--flip-average", help="Export a model that averages its answer on the face and its mirror image (twice the inference time)."),
     model_version: str = typer.Option("1", help="Version string written into the sidecar and announced by workers."),
-    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this TFLite model (float input, same classes), e.g. models/fer-vgg.tflite, labels computed once by LiteRT before training."),
+    teacher: Optional[list[Path]] = typer.Option(None, "--teacher", help="Distil from this TFLite model (float input, same classes), or a shipped model's name (fer-vgg), labels computed once by LiteRT before training. Repeat to distil from the mean of several models' answers (an ensemble teacher)."),
     init_weights: Optional[Path] = typer.Option(None, "--init-weights", help="Start from an earlier run's weights (its RUN_DIR/best.weights.h5, same --arch) instead of random ones: a second cosine cycle, usually with a lower --learning-rate. Recorded with its SHA-256 in the sidecar."),
     average_from: int = typer.Option(0, min=0, help="Stochastic weight averaging: export the mean of the weights after each epoch from this one (1-based) to the last, instead of the best epoch's (no epoch is picked on the validation set); 0 for none."),
     distill_weight: float = typer.Option(0.5, min=0.0, max=1.0, help="Share of the loss given to matching the teacher (the rest: the true labels)."),
@@ -203,6 +203,7 @@ def train(
     Needs the optional training dependencies: pip install 'fer-swarm\\[train]'.
     """
     from .logs import native_output
+    from .model import resolve_model
 
     try:
         with native_output("tensorflow"):  # TensorFlow's import-time C++ notices become log records (-q hides them)
@@ -214,7 +215,7 @@ def train(
         learning_rate=learning_rate, warmup_epochs=warmup_epochs, init_weights=init_weights, arch=arch,
         image_size=image_size, class_weight_power=class_weight_power, seed=seed, run_dir=run_dir, resume=resume,
         model_version=model_version, flip_average=flip_average, average_from=average_from,
-        teacher=teacher, distill_weight=distill_weight, temperature=temperature, bf16=bf16,
+        teacher=tuple(resolve_model(t) for t in teacher or ()), distill_weight=distill_weight, temperature=temperature, bf16=bf16,
         label_smoothing=label_smoothing,
     )
     from .training.arch import ARCHITECTURES

@@ -7,7 +7,9 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="training tests need the 'train' extra")
 
-from fer_swarm.model import Classifier, load_card  # noqa: E402
+from fer_swarm import datasets  # noqa: E402
+from fer_swarm.errors import FerSwarmError  # noqa: E402
+from fer_swarm.model import Classifier, load_card, sha256_file  # noqa: E402
 
 from .conftest import error_lines, make_pattern_dataset, run_cli  # noqa: E402
 
@@ -110,13 +112,34 @@ def test_distilled_bf16_training_records_its_teacher_and_resumes(trained, tmp_pa
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
     card = load_card(out)
-    assert card.training["teacher"] == {"model": str(teacher), "distill_weight": 0.6, "temperature": 2.0}
+    assert card.training["teacher"] == {"models": [str(teacher)], "sha256": [sha256_file(teacher)],
+                                        "distill_weight": 0.6, "temperature": 2.0}
     assert card.training["bf16"] is True
     assert "teacher labelled 90 training images" in res.stderr
     resumed = run_cli(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     other_teacher = run_cli(*args[:-7], "--bf16", "--resume")  # the same run without its teacher is another run
     assert other_teacher.returncode == 1 and "teacher" in error_lines(other_teacher.stderr)[0]
+    more_teachers = run_cli(*args, "--teacher", str(teacher.with_name("tiny-float.tflite")), "--resume")
+    assert more_teachers.returncode == 1 and "teacher" in error_lines(more_teachers.stderr)[0]
+
+
+def test_an_ensemble_teacher_answers_the_mean_of_its_models(trained):
+    from fer_swarm.training.distill import Teacher
+    from fer_swarm.training.train import TrainOptions
+
+    root, data, _, _ = trained
+    a, b = root / "run" / "export" / "tiny-dynamic.tflite", root / "run" / "export" / "tiny-float.tflite"
+    classes = tuple(load_card(a).labels)
+    faces = datasets.load_gray(datasets.scan(data), (48, 48)).images[::7]
+    one, other, both = (Teacher(p, classes, 48).predict(faces) for p in ([a], [b], [a, b]))
+    assert not np.allclose(one, other)  # two different models, so the mean is a third answer
+    np.testing.assert_allclose(both, (one + other) / 2, rtol=1e-6)
+    np.testing.assert_allclose(both.sum(axis=1), 1.0, rtol=1e-5)
+    with pytest.raises(FerSwarmError, match="classes"):
+        Teacher([a, b], (*classes[:2], "x"), 48)
+    # A run distilled from one teacher before teachers could be several keeps its --resume identity.
+    assert TrainOptions(data_dir=data, out=root / "m.tflite", teacher=(a,)).identity()["teacher"] == str(a)
 
 
 def _first_kernel(weights_path, arch="tiny"):

@@ -59,7 +59,7 @@ class TrainOptions:
     run_dir: Path | None = None
     resume: bool = False
     flip_average: bool = False
-    teacher: Path | None = None
+    teacher: tuple[Path, ...] = ()  # several: distil from the mean of their answers
     init_weights: Path | None = None
     average_from: int = 0
     distill_weight: float = 0.5
@@ -76,7 +76,10 @@ class TrainOptions:
         keep = ("data_dir", "val_dir", "val_fraction", "batch_size", "arch", "image_size", "seed", "epochs",
                 "teacher", "distill_weight", "temperature", "bf16", "label_smoothing", "init_weights",
                 "learning_rate", "warmup_epochs", "average_from")
-        return {k: str(v) for k, v in asdict(self).items() if k in keep}
+        identity = {k: str(v) for k, v in asdict(self).items() if k in keep}
+        # One teacher reads as before teachers could be several, so runs from then still resume.
+        identity["teacher"] = " + ".join(str(t) for t in self.teacher) if self.teacher else "None"
+        return identity
 
 
 # What runs from before an option existed did, for --resume's comparison.
@@ -288,9 +291,10 @@ def train(opts: TrainOptions, *, verbose: int | None = None):
         ", ".join(f"{c}={w:.2f}" for c, w in zip(split.classes, weights)),
     )
     teacher = None
-    if opts.teacher is not None:
+    if opts.teacher:
         teacher = Teacher(opts.teacher, split.classes, opts.image_size)
-        log.info("distilling from %s (weight %.2f, temperature %.1f)", opts.teacher, opts.distill_weight, opts.temperature)
+        log.info("distilling from %s (weight %.2f, temperature %.1f)", " and ".join(map(str, opts.teacher)),
+                 opts.distill_weight, opts.temperature)
     if opts.resume:
         model = keras.models.load_model(run_dir / "last.keras")
         log.info("resuming %s after epoch %d of %d", run_dir, state["epochs_done"], opts.epochs)
@@ -376,8 +380,9 @@ def run(opts: TrainOptions, *, verbose: int | None = None) -> dict:
             },
             "learning_rate": opts.learning_rate,
             "warmup_epochs": opts.warmup_epochs,
-            "teacher": None if opts.teacher is None else {
-                "model": str(opts.teacher), "distill_weight": opts.distill_weight, "temperature": opts.temperature,
+            "teacher": None if not opts.teacher else {
+                "models": [str(t) for t in opts.teacher], "sha256": [sha256_file(t) for t in opts.teacher],
+                "distill_weight": opts.distill_weight, "temperature": opts.temperature,
             },
             "params": int(model.count_params()),
             "epochs": opts.epochs,
