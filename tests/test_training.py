@@ -124,6 +124,17 @@ def test_distilled_bf16_training_records_its_teacher_and_resumes(trained, tmp_pa
     assert more_teachers.returncode == 1 and "teacher" in error_lines(more_teachers.stderr)[0]
 
 
+def test_a_teacher_named_by_its_shipped_name_is_found_and_checked_against_the_data(tmp_path):
+    from .conftest import ROOT
+
+    data = make_pattern_dataset(tmp_path / "data", per_class=4)
+    res = run_cli("train", str(data), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny", "--epochs", "1",
+                  "--teacher", "fer-vgg", cwd=ROOT)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    # Found by name, named as the checkout's relative path, and refused: FER2013's classes are not the data's.
+    assert "teacher models/fer-vgg.tflite has classes angry" in error_lines(res.stderr)[0]
+
+
 def test_an_ensemble_teacher_answers_the_mean_of_its_models(trained):
     from fer_swarm.training.distill import Teacher
     from fer_swarm.training.train import TrainOptions
