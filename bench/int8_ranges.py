@@ -37,7 +37,9 @@ without changing the network's answers in float:
    accuracy, can buy).
 
 It also counts the disagreements where the int8 softmax's top two outputs
-are equal (its step is 1/256) and the float top-2 margins under 1/256 and 0.01.
+are equal (its step is 1/256), measures int8 with the head (pooling, dense,
+softmax) in float, where no output can tie, and counts the float top-2
+margins under 1/256 and 0.01.
 
 Usage (the shipped fer-res's float weights):
 
@@ -68,8 +70,15 @@ from tensorflow.lite.tools import flatbuffer_utils  # noqa: E402
 from fer_swarm import datasets  # noqa: E402
 from fer_swarm.training import arch as arch_mod  # noqa: E402
 
-# Ops through which a per-channel scale passes unchanged: op(x / s) = op(x) / s for s > 0.
+# Ops through which a per-channel scale passes unchanged: op(x / s) = op(x) / s for s > 0 (a ReLU only
+# without a ceiling or threshold: see _passes).
 _PASS = (L.ReLU, L.MaxPooling2D, L.GlobalAveragePooling2D, L.Dropout, L.Add)
+
+
+def _passes(layer) -> bool:
+    if isinstance(layer, L.ReLU):
+        return layer.max_value is None and not layer.threshold and not layer.negative_slope
+    return isinstance(layer, _PASS)
 
 
 @dataclass
@@ -103,9 +112,18 @@ def _is_gate(layer) -> bool:
     return isinstance(layer, L.Conv2D) and getattr(layer.activation, "__name__", "") == "sigmoid"
 
 
+def _gated(model: keras.Model, name: str, inputs: list[str]) -> str | None:
+    """If layer ``name`` is a squeeze-excitation product, x * gate (two inputs, one a sigmoid gate), x's name."""
+    gates = [i for i in inputs if _is_gate(model.get_layer(i))]
+    if not isinstance(model.get_layer(name), L.Multiply) or len(inputs) != 2 or len(gates) != 1:
+        return None
+    return next(i for i in inputs if i not in gates)
+
+
 def groups(model: keras.Model) -> list[Group]:
     """Every set of tensors that can take one per-channel scale without changing the float function."""
     inputs, consumers = _graph(model)
+    outputs = {t._keras_history[0].name for t in model.outputs}  # noqa: SLF001 - their values must not change
     seen: set[str] = set()
     found = []
     for start in model.layers:
@@ -120,24 +138,24 @@ def groups(model: keras.Model) -> list[Group]:
                 continue
             members.add(name)
             layer = model.get_layer(name)
+            if name in outputs:
+                ok = False
             # Where the tensor comes from: absorbed by a batch norm, or passed back through a commuting op.
             if isinstance(layer, L.BatchNormalization):
                 group.producers.append(name)
-            elif isinstance(layer, _PASS):
+            elif _passes(layer):
                 todo += inputs[name]
-            elif isinstance(layer, L.Multiply):
-                todo += [i for i in inputs[name] if not _is_gate(model.get_layer(i))]
+            elif _gated(model, name, inputs[name]) is not None:
+                todo.append(_gated(model, name, inputs[name]))
             else:
                 ok = False
             # Where it goes: compensated by a weight layer, or passed on through a commuting op.
             for c in consumers[name]:
                 cl = model.get_layer(c)
-                if isinstance(cl, (L.Conv2D, L.Dense)) and not isinstance(cl, L.DepthwiseConv2D):
+                if isinstance(cl, (L.Conv2D, L.Dense)):  # Keras 3's DepthwiseConv2D is neither
                     if c not in group.consumers:
                         group.consumers.append(c)
-                elif isinstance(cl, _PASS):
-                    todo.append(c)
-                elif isinstance(cl, L.Multiply) and not _is_gate(layer):
+                elif _passes(cl) or _gated(model, c, inputs[c]) == name:
                     todo.append(c)
                 else:
                     ok = False
@@ -234,6 +252,9 @@ class Clip(L.Layer):
     def call(self, x):
         return keras.ops.clip(x, self.lo, self.hi)
 
+    def get_config(self):
+        return {**super().get_config(), "lo": self.lo, "hi": self.hi}
+
 
 def clip_all(model: keras.Model, faces: np.ndarray, percentile: float) -> keras.Model:
     """``model`` with a clip after every tensor an int8 export stores, at its ``percentile`` (and 100 - it, or 0)."""
@@ -315,11 +336,12 @@ def main() -> None:
     print(f"float: accuracy {report['float_accuracy']:.2%}; top-2 margin under 1/256 on "
           f"{report['float_margin_under_1_256']:.2%} of faces, under 0.01 on {report['float_margin_under_0.01']:.2%}")
 
-    def measure(name: str, model: keras.Model, reference: np.ndarray, edit=lambda calibrated: calibrated) -> None:
+    def measure(name: str, model: keras.Model, reference: np.ndarray, edit=lambda calibrated: calibrated,
+                denylisted_ops=()) -> None:
         row = {"variant": name, "float_accuracy": float((reference.argmax(1) == y).mean()),
                "float_agreement_with_original": float((reference.argmax(1) == ref.argmax(1)).mean()), "draws": []}
         for seed, faces in draws.items():
-            probs = run(quantize(edit(calibrate(model, faces))), x)
+            probs = run(quantize(edit(calibrate(model, faces)), denylisted_ops=denylisted_ops), x)
             top2 = np.sort(probs, axis=1)[:, -2:]
             disagree = probs.argmax(1) != reference.argmax(1)
             row["draws"].append({"seed": seed, "agreement": float(1 - disagree.mean()),
@@ -332,9 +354,15 @@ def main() -> None:
               f"with the original)  int8 agreement with this float: {agree}", flush=True)
 
     measure("int8, post-training", fresh(), ref)
+    measure("int8, head float", fresh(), ref,
+            lambda calibrated: calibrated, denylisted_ops=("MEAN", "FULLY_CONNECTED", "SOFTMAX"))
     for strength in (float(v) for v in args.strengths.split(",") if v):
         model = fresh()
-        equalize(model, first, strength=strength)
+        applied = equalize(model, first, strength=strength)
+        shares = [float(np.median(s ** (1 / strength))) for _, s in applied]
+        report.setdefault("median_channel_share_per_group", shares)
+        print(f"{len(applied)} groups; the median channel's maximum is {min(shares):.2f}-{max(shares):.2f} of its "
+              f"group's tensors' (widest over the group; first group, the stem: {shares[0]:.2f})")
         eq_ref = answers(model)
         if not np.array_equal(eq_ref.argmax(1), ref.argmax(1)) or np.abs(eq_ref - ref).max() > 1e-4:
             raise SystemExit(f"equalization at strength {strength} changed the float answers: a bug")

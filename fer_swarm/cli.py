@@ -41,16 +41,6 @@ console = Console()
 err = Console(stderr=True)
 
 
-
-def _as_given_or_relative(path: Path) -> Path:
-    """``path`` relative to the working directory when it lies under it (a shipped model found by name), so
-    sidecars and run identities read models/fer-vgg.tflite rather than one machine's absolute path."""
-    try:
-        return path.relative_to(Path.cwd()) if path.is_absolute() else path
-    except ValueError:
-        return path
-
-
 def fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -215,6 +205,17 @@ def train(
     from .logs import native_output
     from .model import resolve_model
 
+    def _shipped_or_given(path: Path) -> Path:
+        """A teacher as given, or a shipped model's name as its path relative to here when it lies under it
+        (models/fer-vgg.tflite in a checkout), so sidecars and run identities do not carry one machine's path."""
+        found = resolve_model(path)
+        if found == path:
+            return path
+        try:
+            return found.relative_to(Path.cwd())
+        except ValueError:
+            return found
+
     try:
         with native_output("tensorflow"):  # TensorFlow's import-time C++ notices become log records (-q hides them)
             from .training.train import TrainOptions, run
@@ -225,7 +226,7 @@ def train(
         learning_rate=learning_rate, warmup_epochs=warmup_epochs, init_weights=init_weights, arch=arch,
         image_size=image_size, class_weight_power=class_weight_power, seed=seed, run_dir=run_dir, resume=resume,
         model_version=model_version, flip_average=flip_average, average_from=average_from,
-        teacher=tuple(_as_given_or_relative(resolve_model(t)) for t in teacher or ()), distill_weight=distill_weight, temperature=temperature, bf16=bf16,
+        teacher=tuple(_shipped_or_given(t) for t in teacher or ()), distill_weight=distill_weight, temperature=temperature, bf16=bf16,
         label_smoothing=label_smoothing,
     )
     from .training.arch import ARCHITECTURES

@@ -129,10 +129,15 @@ def test_a_teacher_named_by_its_shipped_name_is_found_and_checked_against_the_da
 
     data = make_pattern_dataset(tmp_path / "data", per_class=4)
     res = run_cli("train", str(data), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny", "--epochs", "1",
-                  "--teacher", "fer-vgg", cwd=ROOT)
+                  "--run-dir", str(tmp_path / "run"), "--teacher", "fer-vgg", cwd=ROOT)
     assert res.returncode == 1 and "Traceback" not in res.stderr
     # Found by name, named as the checkout's relative path, and refused: FER2013's classes are not the data's.
     assert "teacher models/fer-vgg.tflite has classes angry" in error_lines(res.stderr)[0]
+    # A path is kept as given (a run started with it resumes with it).
+    given = ROOT / "models" / "fer-vgg.tflite"
+    res = run_cli("train", str(data), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny", "--epochs", "1",
+                  "--run-dir", str(tmp_path / "run2"), "--teacher", str(given), cwd=ROOT)
+    assert f"teacher {given} has classes angry" in error_lines(res.stderr)[0]
 
 
 def test_an_ensemble_teacher_answers_the_mean_of_its_models(trained):
@@ -144,13 +149,18 @@ def test_an_ensemble_teacher_answers_the_mean_of_its_models(trained):
     classes = tuple(load_card(a).labels)
     faces = datasets.load_gray(datasets.scan(data), (48, 48)).images[::7]
     one, other, both = (Teacher(p, classes, 48).predict(faces) for p in ([a], [b], [a, b]))
-    assert not np.allclose(one, other)  # two different models, so the mean is a third answer
+    assert not np.allclose(one, other)  # float and dynamic-range exports answer differently: the mean is a third answer
     np.testing.assert_allclose(both, (one + other) / 2, rtol=1e-6)
     np.testing.assert_allclose(both.sum(axis=1), 1.0, rtol=1e-5)
     with pytest.raises(FerSwarmError, match="classes"):
         Teacher([a, b], (*classes[:2], "x"), 48)
-    # A run distilled from one teacher before teachers could be several keeps its --resume identity.
-    assert TrainOptions(data_dir=data, out=root / "m.tflite", teacher=(a,)).identity()["teacher"] == str(a)
+    # A run distilled from one teacher before teachers could be several keeps its --resume identity,
+    # and an ensemble is the same run whichever order its models are named in.
+    def identity(*teachers):
+        return TrainOptions(data_dir=data, out=root / "m.tflite", teacher=teachers).identity()["teacher"]
+
+    assert identity(a) == str(a)
+    assert identity(a, b) == identity(b, a) != identity(a)
 
 
 def _first_kernel(weights_path, arch="tiny"):

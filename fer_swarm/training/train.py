@@ -77,8 +77,9 @@ class TrainOptions:
                 "teacher", "distill_weight", "temperature", "bf16", "label_smoothing", "init_weights",
                 "learning_rate", "warmup_epochs", "average_from")
         identity = {k: str(v) for k, v in asdict(self).items() if k in keep}
-        # One teacher reads as before teachers could be several, so runs from then still resume.
-        identity["teacher"] = " + ".join(str(t) for t in self.teacher) if self.teacher else "None"
+        # One teacher reads as before teachers could be several, so runs from then still resume; an
+        # ensemble's mean does not depend on the order its models were named in, nor does its identity.
+        identity["teacher"] = " + ".join(sorted(str(t) for t in self.teacher)) if self.teacher else "None"
         return identity
 
 
