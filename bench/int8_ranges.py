@@ -360,9 +360,10 @@ def main() -> None:
         model = fresh()
         applied = equalize(model, first, strength=strength)
         shares = [float(np.median(s ** (1 / strength))) for _, s in applied]
-        report.setdefault("median_channel_share_per_group", shares)
-        print(f"{len(applied)} groups; the median channel's maximum is {min(shares):.2f}-{max(shares):.2f} of its "
-              f"group's tensors' (widest over the group; first group, the stem: {shares[0]:.2f})")
+        if "median_channel_share_per_group" not in report:
+            report["median_channel_share_per_group"] = shares
+                print(f"{len(applied)} groups; the median channel's maximum is {min(shares):.2f}-{max(shares):.2f} of "
+                  f"its group's tensors' (widest over the group; first group, the stem: {shares[0]:.2f})")
         eq_ref = answers(model)
         if not np.array_equal(eq_ref.argmax(1), ref.argmax(1)) or np.abs(eq_ref - ref).max() > 1e-4:
             raise SystemExit(f"equalization at strength {strength} changed the float answers: a bug")
