@@ -145,8 +145,8 @@ def groups(model: keras.Model) -> list[Group]:
                 group.producers.append(name)
             elif _passes(layer):
                 todo += inputs[name]
-            elif _gated(model, name, inputs[name]) is not None:
-                todo.append(_gated(model, name, inputs[name]))
+            elif (x := _gated(model, name, inputs[name])) is not None:
+                todo.append(x)
             else:
                 ok = False
             # Where it goes: compensated by a weight layer, or passed on through a commuting op.
@@ -207,6 +207,13 @@ def equalize(model: keras.Model, faces: np.ndarray, *, strength: float = 1.0) ->
 
 # ---------------------------------------------------------------- clipped ranges
 
+def _outputs(model: keras.Model, names: list[str], faces: np.ndarray) -> list[np.ndarray]:
+    """The named layers' outputs on ``faces`` (uint8 (N, H, W))."""
+    probe = keras.Model(model.inputs, [model.get_layer(n).output for n in names])
+    outs = probe.predict(faces[..., None].astype(np.float32), batch_size=250, verbose=0)
+    return outs if isinstance(outs, list) else [outs]
+
+
 class ReLU6(L.Layer):
     """min(max(x, 0), 6): TFLite fuses it into the convolution before it, so the int8 range is [0, 6]."""
 
@@ -226,9 +233,7 @@ def clip_block_relus(model: keras.Model, faces: np.ndarray, percentile: float) -
              if not any(isinstance(model.get_layer(t), L.Add) for t in g.tensors)
              and sum(isinstance(model.get_layer(t), L.ReLU) for t in g.tensors) == 1]
     relus = [next(t for t in g.tensors if isinstance(model.get_layer(t), L.ReLU)) for g in found]
-    probe = keras.Model(model.inputs, [model.get_layer(r).output for r in relus])
-    outs = probe.predict(faces[..., None].astype(np.float32), batch_size=250, verbose=0)
-    for g, out in zip(found, outs):
+    for g, out in zip(found, _outputs(model, relus, faces)):
         _rescale(model, g, np.full(g.channels, float(np.percentile(out, percentile)) / 6.0))
     return keras.models.clone_model(
         model, clone_function=lambda layer: ReLU6(name=f"{layer.name}_6") if layer.name in relus else layer)
@@ -259,10 +264,8 @@ class Clip(L.Layer):
 def clip_all(model: keras.Model, faces: np.ndarray, percentile: float) -> keras.Model:
     """``model`` with a clip after every tensor an int8 export stores, at its ``percentile`` (and 100 - it, or 0)."""
     points = [n for n in quantized_outputs(model) if not _fixed_range(model.get_layer(n))]
-    probe = keras.Model(model.inputs, [model.get_layer(n).output for n in points])
-    outs = probe.predict(faces[..., None].astype(np.float32), batch_size=250, verbose=0)
     clips = {n: Clip(min(0.0, float(np.percentile(o, 100 - percentile))), float(np.percentile(o, percentile)),
-                     name=f"clip_{n}") for n, o in zip(points, outs)}
+                     name=f"clip_{n}") for n, o in zip(points, _outputs(model, points, faces))}
 
     def call(layer, *args, **kwargs):
         out = layer(*args, **kwargs)
@@ -354,15 +357,14 @@ def main() -> None:
               f"with the original)  int8 agreement with this float: {agree}", flush=True)
 
     measure("int8, post-training", fresh(), ref)
-    measure("int8, head float", fresh(), ref,
-            lambda calibrated: calibrated, denylisted_ops=("MEAN", "FULLY_CONNECTED", "SOFTMAX"))
+    measure("int8, head float", fresh(), ref, denylisted_ops=("MEAN", "FULLY_CONNECTED", "SOFTMAX"))
     for strength in (float(v) for v in args.strengths.split(",") if v):
         model = fresh()
         applied = equalize(model, first, strength=strength)
         shares = [float(np.median(s ** (1 / strength))) for _, s in applied]
         if "median_channel_share_per_group" not in report:
             report["median_channel_share_per_group"] = shares
-                print(f"{len(applied)} groups; the median channel's maximum is {min(shares):.2f}-{max(shares):.2f} of "
+            print(f"{len(applied)} groups; the median channel's maximum is {min(shares):.2f}-{max(shares):.2f} of "
                   f"its group's tensors' (widest over the group; first group, the stem: {shares[0]:.2f})")
         eq_ref = answers(model)
         if not np.array_equal(eq_ref.argmax(1), ref.argmax(1)) or np.abs(eq_ref - ref).max() > 1e-4:
