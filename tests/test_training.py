@@ -11,7 +11,7 @@ from fer_swarm import datasets  # noqa: E402
 from fer_swarm.errors import FerSwarmError  # noqa: E402
 from fer_swarm.model import Classifier, load_card, sha256_file  # noqa: E402
 
-from .conftest import error_lines, make_pattern_dataset, run_cli  # noqa: E402
+from .conftest import ROOT, error_lines, make_pattern_dataset, run_cli  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +125,6 @@ def test_distilled_bf16_training_records_its_teacher_and_resumes(trained, tmp_pa
 
 
 def test_a_teacher_named_by_its_shipped_name_is_found_and_checked_against_the_data(tmp_path):
-    from .conftest import ROOT
-
     data = make_pattern_dataset(tmp_path / "data", per_class=4)
     res = run_cli("train", str(data), "--out", str(tmp_path / "m.tflite"), "--arch", "tiny", "--epochs", "1",
                   "--run-dir", str(tmp_path / "run"), "--teacher", "fer-vgg", cwd=ROOT)
